@@ -1,0 +1,74 @@
+"""The policy protocol: the mechanism asks, the policy decides.
+
+The scheduler mechanism owns queues, the token budget and KV blocks. A policy decides who runs
+and in what order, when to admit, how big a prefill chunk is and whom to preempt. Subclass
+`Policy`, override what differs, and register it by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from sloserve.request import Request
+
+if TYPE_CHECKING:
+    from sloserve.core.plan import Plan
+    from sloserve.core.scheduler import Scheduler
+
+_REGISTRY: dict[str, type[Policy]] = {}
+
+
+def register(name: str) -> Callable[[type[Policy]], type[Policy]]:
+    def wrap(cls: type[Policy]) -> type[Policy]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def policy_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def make_policy(name: str, **options: Any) -> Policy:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(policy_names())}")
+    return _REGISTRY[name](**options)
+
+
+class Policy:
+    """Defaults give first-come-first-served with vLLM's recompute preemption."""
+
+    name: ClassVar[str] = "base"
+
+    def running_order(self, running: Sequence[Request], now: float) -> Iterable[Request]:
+        """Running requests to step now, most important first; leaving one out skips it."""
+        return running
+
+    def should_admit(self, scheduler: Scheduler, now: float) -> bool:
+        """Whether to admit waiting or preempted requests in this step at all."""
+        return True
+
+    def admission_order(
+        self, preempted: Sequence[Request], waiting: Sequence[Request], now: float
+    ) -> Iterable[Request]:
+        """Candidates for admission, in order; admission stops at the first that won't fit."""
+        yield from preempted
+        yield from waiting
+
+    def chunk_size(self, request: Request, num_pending: int, budget: int, step_budget: int) -> int:
+        """Tokens of `request` to compute this step (0 skips it), with `budget` tokens left of
+        the step's `step_budget`. Default: a prompt runs whole when it fits; only one larger
+        than a whole step is split, so it can run at all."""
+        if num_pending <= budget:
+            return num_pending
+        return budget if budget == step_budget else 0
+
+    def pick_victim(self, candidates: Sequence[Request], now: float) -> Request:
+        """Whom to preempt when KV blocks run out: the latest arrival."""
+        return max(candidates, key=lambda r: (r.arrival_time, r.priority))
+
+    def observe(self, plan: Plan, step_time: float) -> None:
+        """Feedback after each step (how long it took), for policies that adapt."""

@@ -1,0 +1,191 @@
+"""The scheduler mechanism: queues, the per-step token budget and KV blocks.
+
+`schedule(now) -> Plan` and `update(plan, sampled, now)`; the clock is always an argument, so
+the simulator can drive it with virtual time. Decisions are delegated to a Policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sloserve.core.kv_blocks import BlockManager
+from sloserve.core.plan import Plan, ScheduledChunk
+from sloserve.core.policies import Policy, make_policy
+from sloserve.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256  # requests running at once
+    max_num_batched_tokens: int = 2048  # tokens computed in one step
+    max_model_len: int = 8192  # prompt + output tokens of one request
+    policy: str = "fcfs"  # a name from core.policies
+    policy_options: Mapping[str, Any] = field(default_factory=dict)  # the policy's own knobs
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
+                 policy: Policy | None = None):
+        self.config = config
+        self.blocks = block_manager
+        self.policy = policy or make_policy(config.policy, **config.policy_options)
+        self.waiting: list[Request] = []
+        self.preempted: list[Request] = []  # in preemption order
+        self.running: list[Request] = []
+        self._by_id: dict[str, Request] = {}
+
+    # ---- intake ------------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        if request.request_id in self._by_id:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        limit = self.config.max_model_len
+        if request.num_prompt_tokens >= limit:
+            raise ValueError(
+                f"prompt has {request.num_prompt_tokens} tokens, which leaves no room to "
+                f"generate within the context of {limit} tokens")
+        if self.blocks.blocks_for(request.num_prompt_tokens + 1) > self.blocks.num_blocks:
+            raise ValueError(f"prompt of {request.num_prompt_tokens} tokens needs more KV "
+                             f"blocks than the cache has ({self.blocks.num_blocks})")
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+        self._by_id[request.request_id] = request
+
+    def abort(self, request_id: str, now: float) -> Request | None:
+        request = self._by_id.get(request_id)
+        if request is not None:
+            self.finish(request, RequestStatus.FINISHED_ABORTED, now)
+        return request
+
+    def finish(self, request: Request, status: RequestStatus, now: float) -> None:
+        """End a request (stop, length, abort, error) and give its blocks back."""
+        assert status.finished
+        queue = {RequestStatus.WAITING: self.waiting, RequestStatus.RUNNING: self.running,
+                 RequestStatus.PREEMPTED: self.preempted}.get(request.status)
+        if queue is None:
+            return  # already finished
+        queue.remove(request)
+        self.blocks.free(request)
+        request.status = status
+        request.finish_time = now
+        del self._by_id[request.request_id]
+
+    # ---- one step ----------------------------------------------------------------------
+    def schedule(self, now: float) -> Plan:
+        plan = Plan(now=now)
+        budget = self._schedule_running(plan, self.config.max_num_batched_tokens, now)
+        if (self.waiting or self.preempted) and self.policy.should_admit(self, now):
+            self._admit(plan, budget, now)
+        return plan
+
+    def _schedule_running(self, plan: Plan, budget: int, now: float) -> int:
+        step_budget = self.config.max_num_batched_tokens
+        scheduled: set[str] = set()
+        for request in list(self.policy.running_order(self.running, now)):
+            if budget <= 0:
+                break
+            if request.status != RequestStatus.RUNNING:
+                continue  # preempted as a victim earlier in this loop
+            n = self.policy.chunk_size(request, request.num_pending_tokens, budget, step_budget)
+            if n <= 0 or not self._make_room(request, n, scheduled, plan, now):
+                continue
+            self.blocks.append(request, n)
+            self._add_chunk(plan, request, n, now)
+            scheduled.add(request.request_id)
+            budget -= n
+        return budget
+
+    def _make_room(self, request: Request, n: int, scheduled: set[str], plan: Plan,
+                   now: float) -> bool:
+        """Preempt until `request` can grow by `n` tokens; False if it was the victim."""
+        while not self.blocks.can_append(request, n):
+            candidates = [r for r in self.running if r.request_id not in scheduled]
+            victim = self.policy.pick_victim(candidates, now)
+            self._preempt(victim)
+            plan.preempted.append(victim.request_id)
+            if victim is request:
+                return False
+        return True
+
+    def _admit(self, plan: Plan, budget: int, now: float) -> None:
+        step_budget = self.config.max_num_batched_tokens
+        for request in list(self.policy.admission_order(self.preempted, self.waiting, now)):
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            pending = request.num_tokens - self.blocks.num_cached_tokens(request)
+            n = self.policy.chunk_size(request, pending, budget, step_budget)
+            if n <= 0 or not self.blocks.can_allocate(request, n):
+                break
+            (self.preempted if request.status == RequestStatus.PREEMPTED
+             else self.waiting).remove(request)
+            self.blocks.allocate(request, n)
+            request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = now
+            self.running.append(request)
+            self._add_chunk(plan, request, n, now)
+            budget -= n
+
+    def _add_chunk(self, plan: Plan, request: Request, n: int, now: float) -> None:
+        start = request.num_computed_tokens
+        plan.chunks.append(ScheduledChunk(request, start, n, start + n == request.num_tokens))
+
+    def _preempt(self, request: Request) -> None:
+        """Recompute preemption: drop the KV, keep the tokens, requeue ahead of new work."""
+        self.running.remove(request)
+        self.blocks.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self.preempted.append(request)
+
+    def update(self, plan: Plan, sampled: Mapping[str, int], now: float) -> list[Request]:
+        """Apply a step's results; returns the requests that got a token or finished."""
+        touched = []
+        for chunk in plan.chunks:
+            request = chunk.request
+            if request.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            request.num_computed_tokens += chunk.num_tokens
+            self.blocks.cache_full_blocks(request)
+            if chunk.sample:
+                self._append_token(request, sampled[request.request_id], now)
+                touched.append(request)
+        return touched
+
+    def _append_token(self, request: Request, token: int, now: float) -> None:
+        request.output_token_ids.append(token)
+        if request.first_token_time is None:
+            request.first_token_time = now
+        request.last_token_time = now
+        status = self._stop_status(request, token)
+        if status is not None:
+            self.finish(request, status, now)
+
+    def _stop_status(self, request: Request, token: int) -> RequestStatus | None:
+        params = request.sampling_params
+        n = request.num_output_tokens
+        if n >= params.min_tokens and (
+            token in params.stop_token_ids
+            or (token == request.eos_token_id and not params.ignore_eos)
+        ):
+            return RequestStatus.FINISHED_STOPPED
+        if n >= params.max_tokens or request.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    # ---- figures -----------------------------------------------------------------------
+    def has_unfinished(self) -> bool:
+        return bool(self._by_id)
+
+    def get(self, request_id: str) -> Request | None:
+        return self._by_id.get(request_id)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._by_id)

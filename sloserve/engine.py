@@ -1,0 +1,196 @@
+"""LLMEngine (add_request / step / abort / has_unfinished) and the offline LLM front door."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sloserve.core.kv_blocks import BlockManager
+from sloserve.core.scheduler import Scheduler, SchedulerConfig
+from sloserve.detokenizer import IncrementalDetokenizer
+from sloserve.model import loader
+from sloserve.request import SLO, Request, RequestStatus, SamplingParams
+from sloserve.runner import ModelRunner
+
+Prompt = str | list[int] | list[dict[str, str]]  # text, token ids, or chat messages
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # HF folder, .gguf file, dummy:SHAPE; None: embedded SmolLM2
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on GPU
+    device: str = "auto"  # auto: cuda when available
+    block_size: int = 16  # tokens per KV block
+    num_kv_blocks: int | None = None  # None: from kv_cache_memory_gb
+    kv_cache_memory_gb: float = 1.0  # KV cache size on CPU when num_kv_blocks is None
+    max_model_len: int | None = None  # None: the model's own context
+    enable_prefix_caching: bool = True
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                "float16": torch.float16}[self.dtype]
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        """Sort flat keyword arguments into this config and its scheduler config."""
+        mine = {f.name for f in dataclasses.fields(cls)}
+        sched = {f.name for f in dataclasses.fields(SchedulerConfig)}
+        unknown = set(kwargs) - mine - sched
+        if unknown:
+            raise TypeError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
+        scheduler = kwargs.pop("scheduler", None) or SchedulerConfig(
+            **{k: kwargs.pop(k) for k in list(kwargs) if k in sched})
+        return cls(scheduler=scheduler, **kwargs)
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request; `text` and `token_ids` are cumulative."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    text: str
+    delta_text: str
+    token_ids: list[int]
+    num_new_tokens: int
+    finished: bool
+    finish_reason: str | None
+    timings: dict[str, float | None]
+    slo: SLO
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        loaded = loader.load(config.model, config.torch_dtype, config.torch_device,
+                             config.block_size)
+        self.model_name, self.model_config, self.tokenizer = (
+            loaded.name, loaded.config, loaded.tokenizer)
+        self.max_model_len = min(config.max_model_len or loaded.config.max_position_embeddings,
+                                 loaded.config.max_position_embeddings)
+        num_blocks = config.num_kv_blocks or self._blocks_from_memory()
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        scheduler_config = dataclasses.replace(config.scheduler, max_model_len=self.max_model_len)
+        self.scheduler = Scheduler(scheduler_config, self.blocks)
+        self.runner = ModelRunner(loaded.model, num_blocks, config.block_size)
+        self.eos_token_id = self._eos_token_id()
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._ids = itertools.count()
+        self.clock: Callable[[], float] = time.monotonic
+        self.last_step_time = 0.0
+
+    def _blocks_from_memory(self) -> int:
+        per_token = self.model_config.kv_bytes_per_token(self.config.torch_dtype.itemsize)
+        tokens = int(self.config.kv_cache_memory_gb * 2**30) // per_token
+        return max(1, tokens // self.config.block_size)
+
+    def _eos_token_id(self) -> int | None:
+        eos = self.tokenizer.eos_token_id
+        if eos is None and self.model_config.eos_token_ids:
+            eos = self.model_config.eos_token_ids[0]
+        return eos
+
+    # ---- intake ------------------------------------------------------------------------
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            return self.tokenizer.encode(prompt, add_special_tokens=False)
+        if not prompt:
+            raise ValueError("prompt must not be empty")
+        if isinstance(prompt[0], dict):
+            return self.apply_chat_template(prompt)
+        if not all(isinstance(t, int) and 0 <= t < self.model_config.vocab_size for t in prompt):
+            raise ValueError("prompt token ids must be integers within the vocabulary")
+        return list(prompt)
+
+    def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m or not isinstance(m.get("content"), str):
+                raise ValueError("each message needs a 'role' and a string 'content'")
+        ids = self.tokenizer.apply_chat_template(
+            list(messages), add_generation_prompt=True, tokenize=True, return_dict=False)
+        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
+                    slo: SLO | None = None, request_id: str | None = None,
+                    arrival_time: float | None = None, priority: int = 0) -> Request:
+        """Validate and queue a request; raises ValueError naming the bad field."""
+        params = params or SamplingParams()
+        token_ids = self.tokenize(prompt)
+        room = self.max_model_len - len(token_ids)
+        if room <= 0:
+            raise ValueError(f"prompt has {len(token_ids)} tokens; the context is "
+                             f"{self.max_model_len} tokens, so nothing can be generated")
+        request = Request(
+            request_id=request_id or f"req-{next(self._ids)}",
+            prompt_token_ids=token_ids, sampling_params=params, slo=slo or SLO(),
+            arrival_time=self.clock() if arrival_time is None else arrival_time,
+            priority=priority, eos_token_id=self.eos_token_id)
+        self.scheduler.add(request)
+        self._detokenizers[request.request_id] = IncrementalDetokenizer(
+            self.tokenizer, params.stop)
+        return request
+
+    def abort(self, request_id: str) -> None:
+        request = self.scheduler.abort(request_id, self.clock())
+        if request is not None:
+            self._forget(request)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step ----------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        start = self.clock()
+        plan = self.scheduler.schedule(start)
+        sampled = self.runner.execute(plan)
+        now = self.clock()
+        self.last_step_time = now - start
+        self.scheduler.policy.observe(plan, self.last_step_time)
+        touched = self.scheduler.update(plan, sampled, now)
+        return [self._output(r, now) for r in touched]
+
+    def _output(self, request: Request, now: float) -> RequestOutput:
+        detok = self._detokenizers[request.request_id]
+        delta = detok.push(request.output_token_ids[-1:])
+        if detok.stopped and not request.is_finished:
+            self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED, now)
+        if request.is_finished:
+            self._forget(request)
+        return RequestOutput(
+            request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
+            text=detok.text, delta_text=delta, token_ids=request.output_token_ids,
+            num_new_tokens=1, finished=request.is_finished,
+            finish_reason=request.status.finish_reason, timings=timings(request),
+            slo=request.slo)
+
+    def _forget(self, request: Request) -> None:
+        self._detokenizers.pop(request.request_id, None)
+        self.runner.release(request.request_id)
+
+
+def timings(request: Request) -> dict[str, float | None]:
+    return {"arrival_time": request.arrival_time,
+            "first_scheduled_time": request.first_scheduled_time,
+            "first_token_time": request.first_token_time,
+            "finish_time": request.finish_time,
+            "queueing_time": request.queueing_time,
+            "ttft": request.ttft,
+            "tpot": request.tpot}

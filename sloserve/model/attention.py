@@ -1,0 +1,80 @@
+"""Attention over the paged KV cache: the metadata the runner builds and a pure-torch backend.
+
+Tokens of a step are packed (no padding): first every decode (one query token per request),
+then each prefill chunk. The cache of one layer is [2, num_blocks, block_size, kv_heads, dim].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] cache slot of each new token: block * block_size + offset
+    num_decodes: int  # the first num_decodes tokens are single-token decodes
+    decode_block_tables: torch.Tensor  # [num_decodes, max_blocks], padded with 0
+    decode_context_lens: torch.Tensor  # [num_decodes] tokens each decode attends to
+    prefills: list[tuple[int, int, int, torch.Tensor]]  # (query start, query len, start pos,
+    #                                                      block table) per prefill chunk
+
+
+class TorchPagedAttention:
+    """Reference backend: runs anywhere torch does; the GPU backend must match it."""
+
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+
+    @staticmethod
+    def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 slots: torch.Tensor) -> None:
+        kv_heads, dim = k.shape[-2:]
+        cache[0].view(-1, kv_heads, dim).index_copy_(0, slots, k)
+        cache[1].view(-1, kv_heads, dim).index_copy_(0, slots, v)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
+                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """q: [T, heads, dim]; k, v: [T, kv_heads, dim]. Returns [T, heads, dim]."""
+        self.write_kv(cache, k, v, meta.slot_mapping)
+        out = torch.empty_like(q)
+        if meta.num_decodes:
+            out[: meta.num_decodes] = self._decode(q[: meta.num_decodes], cache, meta, scale)
+        for q_start, q_len, pos, table in meta.prefills:
+            out[q_start:q_start + q_len] = self._prefill(
+                q[q_start:q_start + q_len], cache, pos, table, scale)
+        return out
+
+    def _gather(self, cache: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """K and V of the blocks in `table` ([..., n]) as [..., n * block_size, kv_heads, dim]."""
+        k, v = cache[0][table], cache[1][table]
+        shape = (*table.shape[:-1], -1, *k.shape[-2:])
+        return k.reshape(shape), v.reshape(shape)
+
+    def _decode(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
+                scale: float) -> torch.Tensor:
+        k, v = self._gather(cache, meta.decode_block_tables)  # [B, L, kvh, d]
+        positions = torch.arange(k.shape[1], device=q.device)
+        mask = (positions[None, :] < meta.decode_context_lens[:, None])[:, None, None, :]
+        out = F.scaled_dot_product_attention(
+            q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+            scale=scale, enable_gqa=True)
+        return out[:, :, 0, :]
+
+    def _prefill(self, q: torch.Tensor, cache: torch.Tensor, pos: int, table: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+        q_len = q.shape[0]
+        context = pos + q_len
+        k, v = self._gather(cache, table)
+        k, v = k[:context].transpose(0, 1), v[:context].transpose(0, 1)
+        if pos == 0:
+            mask, causal = None, True
+        else:  # query i sits at position pos + i and sees keys up to it
+            rows = torch.arange(q_len, device=q.device)[:, None] + pos
+            mask, causal = torch.arange(context, device=q.device)[None, :] <= rows, False
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k, v, attn_mask=mask, is_causal=causal, scale=scale,
+            enable_gqa=True)
+        return out.transpose(0, 1)

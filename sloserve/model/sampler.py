@@ -1,0 +1,68 @@
+"""Token sampling: greedy, temperature, top-k, top-p, per-request seeds, min_tokens."""
+
+from __future__ import annotations
+
+import torch
+
+from sloserve.request import Request
+
+
+class Sampler:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._generators: dict[str, torch.Generator] = {}  # seeded requests
+
+    def release(self, request_id: str) -> None:
+        self._generators.pop(request_id, None)
+
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
+        """logits: [N, vocab] float32, one row per request. Returns one token per row."""
+        self._suppress_early_stops(logits, requests)
+        tokens = logits.argmax(dim=-1)
+        random_rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
+        if random_rows:
+            probs = self._probs(logits[random_rows], [requests[i] for i in random_rows])
+            for row, i in enumerate(random_rows):
+                generator = self._generator(requests[i])
+                tokens[i] = torch.multinomial(probs[row], 1, generator=generator)[0]
+        return tokens.tolist()
+
+    def _suppress_early_stops(self, logits: torch.Tensor, requests: list[Request]) -> None:
+        """Before min_tokens, EOS and stop ids cannot be sampled (as vLLM does)."""
+        for i, r in enumerate(requests):
+            params = r.sampling_params
+            if r.num_output_tokens >= params.min_tokens:
+                continue
+            banned = list(params.stop_token_ids)
+            if r.eos_token_id is not None and not params.ignore_eos:
+                banned.append(r.eos_token_id)
+            if banned:
+                logits[i, banned] = float("-inf")
+
+    def _probs(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        temps = torch.tensor([r.sampling_params.temperature for r in requests],
+                             device=logits.device)
+        logits = logits / temps[:, None]
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        vocab = logits.shape[-1]
+        top_k = torch.tensor([r.sampling_params.top_k if r.sampling_params.top_k > 0 else vocab
+                              for r in requests], device=logits.device)
+        ranks = torch.arange(vocab, device=logits.device)[None, :]
+        sorted_logits[ranks >= top_k[:, None]] = float("-inf")
+        top_p = torch.tensor([r.sampling_params.top_p for r in requests], device=logits.device)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p.
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        sorted_probs[mass_before >= top_p[:, None]] = 0.0
+        probs = torch.zeros_like(sorted_probs).scatter_(-1, order, sorted_probs)
+        return probs / probs.sum(dim=-1, keepdim=True)
+
+    def _generator(self, request: Request) -> torch.Generator | None:
+        seed = request.sampling_params.seed
+        if seed is None:
+            return None
+        generator = self._generators.get(request.request_id)
+        if generator is None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+            self._generators[request.request_id] = generator
+        return generator
