@@ -79,7 +79,9 @@ class Scheduler:
     def schedule(self, now: float) -> Plan:
         plan = Plan(now=now)
         budget = self._schedule_running(plan, self.config.max_num_batched_tokens, now)
-        if (self.waiting or self.preempted) and self.policy.should_admit(self, now):
+        # After a preemption the pool is full: admitting now would only thrash (as vLLM v1).
+        if (self.waiting or self.preempted) and not plan.preempted \
+                and self.policy.should_admit(self, now):
             self._admit(plan, budget, now)
         return plan
 

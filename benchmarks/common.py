@@ -1,0 +1,33 @@
+"""Helpers for benchmark scripts: the machine's name and where results go."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+        return f"CPU x{os.cpu_count()} ({platform.machine()}), torch {torch.__version__}"
+    except ImportError:
+        return f"CPU x{os.cpu_count()} ({platform.machine()})"
+
+
+def save(name: str, result: dict) -> Path:
+    """Write a result file that names the machine and the command that made it."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    record = {"machine": machine(), "command": "python " + " ".join(sys.argv),
+              "date": time.strftime("%Y-%m-%d %H:%M"), **result}
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path

@@ -1,0 +1,1 @@
+"""Benchmark client: workloads, load generation, metrics and plots."""

@@ -1,0 +1,63 @@
+"""The engine's front door: bad input, sampling, stop strings."""
+
+from __future__ import annotations
+
+import pytest
+
+from sloserve import SamplingParams
+from tests.conftest import chat
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(max_tokens=-3), "max_tokens"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(temperature=-1.0), "temperature"),
+])
+def test_bad_sampling_values_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_bad_prompts_are_rejected_and_leave_nothing_allocated(llm):
+    engine = llm.engine
+    with pytest.raises(ValueError, match="prompt"):
+        llm.generate("")
+    with pytest.raises(ValueError, match="context"):
+        llm.generate([1] * engine.max_model_len)
+    with pytest.raises(ValueError, match="vocabulary"):
+        llm.generate([[1, 2], [10**9]])
+    assert not engine.has_unfinished() and engine.blocks.num_used_blocks == 0
+
+
+def test_seeded_sampling_is_reproducible_and_varies_by_seed(llm):
+    prompt = chat("Tell me a short story about a robot.")
+    params = [SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=s)
+              for s in (1, 1, 2)]
+    a, b, c = llm.generate([prompt] * 3, params)
+    assert a.token_ids == b.token_ids != c.token_ids
+
+
+def test_top_k_one_is_greedy(llm):
+    prompt = chat("Name a color.")
+    greedy = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0))[0]
+    top1 = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0.8, top_k=1))[0]
+    assert top1.token_ids == greedy.token_ids
+
+
+def test_stop_string_cuts_text_and_frees_blocks(llm):
+    prompt = chat("Write a short poem about the moon.")
+    full = llm.generate(prompt, SamplingParams(max_tokens=40, temperature=0))[0]
+    stop = full.text.strip().split()[2]  # a word that appears mid-reply
+    cut = llm.generate(prompt, SamplingParams(max_tokens=40, temperature=0, stop=[stop]))[0]
+    assert cut.finish_reason == "stop" and stop not in cut.text
+    assert full.text.startswith(cut.text) and len(cut.token_ids) < len(full.token_ids)
+    assert llm.engine.blocks.num_used_blocks == 0
+
+
+def test_timings_are_ordered(llm):
+    r = llm.generate("Once upon a time", SamplingParams(max_tokens=5, ignore_eos=True))[0]
+    t = r.timings
+    assert t["arrival_time"] <= t["first_scheduled_time"] <= t["first_token_time"]
+    assert t["first_token_time"] <= t["finish_time"] and len(r.token_ids) == 5
