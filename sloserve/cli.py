@@ -65,6 +65,29 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(result.text)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from sloserve.engine import LLMEngine
+    from sloserve.request import SLO
+    from sloserve.server import ServerConfig, serve
+
+    try:
+        slo = SLO(ttft_ms=args.slo_ttft_ms, tpot_ms=args.slo_tpot_ms,
+                  deadline_ms=args.slo_deadline_ms)
+        if args.max_waiting <= 0 or args.request_timeout <= 0:
+            raise ValueError("--max-waiting and --request-timeout must be positive")
+        config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
+                              max_waiting=args.max_waiting,
+                              request_timeout_s=args.request_timeout,
+                              served_model_name=args.served_model_name, default_slo=slo)
+        engine = LLMEngine(engine_config(args))
+    except (ValueError, FileNotFoundError) as e:
+        raise CLIError(str(e)) from None
+    try:
+        serve(engine, config)
+    except OSError as e:
+        raise CLIError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sloserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=None, help="require this Bearer token on /v1/*")
+    srv.add_argument("--max-waiting", type=int, default=1024,
+                     help="waiting requests beyond this are refused with 429")
+    srv.add_argument("--request-timeout", type=float, default=600.0, help="seconds")
+    srv.add_argument("--served-model-name", default=None)
+    srv.add_argument("--slo-ttft-ms", type=float, default=None, help="default TTFT objective")
+    srv.add_argument("--slo-tpot-ms", type=float, default=None, help="default TPOT objective")
+    srv.add_argument("--slo-deadline-ms", type=float, default=None,
+                     help="default end-to-end objective")
+    add_engine_args(srv)
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 

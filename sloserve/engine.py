@@ -128,14 +128,14 @@ class LLMEngine:
             list(messages), add_generation_prompt=True, tokenize=True, return_dict=False)
         return list(ids["input_ids"] if isinstance(ids, dict) else ids)
 
-    def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
-                    slo: SLO | None = None, request_id: str | None = None,
-                    arrival_time: float | None = None, priority: int = 0) -> Request:
-        """Validate and queue a request; raises ValueError naming the bad field."""
+    def make_request(self, prompt: Prompt, params: SamplingParams | None = None,
+                     slo: SLO | None = None, request_id: str | None = None,
+                     arrival_time: float | None = None, priority: int = 0) -> Request:
+        """Validate and build a request without touching engine state (safe from any thread);
+        raises ValueError naming the bad field."""
         params = params or SamplingParams()
         token_ids = self.tokenize(prompt)
-        room = self.max_model_len - len(token_ids)
-        if room <= 0:
+        if len(token_ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(token_ids)} tokens; the context is "
                              f"{self.max_model_len} tokens, so nothing can be generated")
         request = Request(
@@ -143,10 +143,22 @@ class LLMEngine:
             prompt_token_ids=token_ids, sampling_params=params, slo=slo or SLO(),
             arrival_time=self.clock() if arrival_time is None else arrival_time,
             priority=priority, eos_token_id=self.eos_token_id)
+        self.scheduler.check(request)
+        return request
+
+    def submit(self, request: Request) -> Request:
+        """Queue a request built by make_request."""
         self.scheduler.add(request)
         self._detokenizers[request.request_id] = IncrementalDetokenizer(
-            self.tokenizer, params.stop)
+            self.tokenizer, request.sampling_params.stop)
         return request
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
+                    slo: SLO | None = None, request_id: str | None = None,
+                    arrival_time: float | None = None, priority: int = 0) -> Request:
+        """Validate and queue a request; raises ValueError naming the bad field."""
+        return self.submit(self.make_request(prompt, params, slo, request_id, arrival_time,
+                                             priority))
 
     def abort(self, request_id: str) -> None:
         request = self.scheduler.abort(request_id, self.clock())

@@ -71,6 +71,21 @@ class SLO:
     def slo_class(self) -> str:
         return "realtime" if self.realtime else "default"
 
+    @property
+    def has_objectives(self) -> bool:
+        return any(v is not None for v in (self.ttft_ms, self.tpot_ms, self.deadline_ms))
+
+    def attained(self, ttft: float | None, tpot: float | None, e2e: float | None) -> bool:
+        """Whether measured times (seconds) meet every objective this SLO carries. No first
+        token or no finish misses; no TPOT (a one-token reply) cannot miss."""
+        def within(limit: float | None, value: float | None, missing_ok: bool) -> bool:
+            if limit is None:
+                return True
+            return missing_ok if value is None else value * 1e3 <= limit
+
+        return (within(self.ttft_ms, ttft, False) and within(self.tpot_ms, tpot, True)
+                and within(self.deadline_ms, e2e, False))
+
 
 class RequestStatus(enum.IntEnum):
     """Ordered: everything at or past FINISHED_STOPPED is finished."""

@@ -41,9 +41,8 @@ class Scheduler:
         self._by_id: dict[str, Request] = {}
 
     # ---- intake ------------------------------------------------------------------------
-    def add(self, request: Request) -> None:
-        if request.request_id in self._by_id:
-            raise ValueError(f"duplicate request id {request.request_id!r}")
+    def check(self, request: Request) -> None:
+        """Raise ValueError if the request could never run here. No side effects."""
         limit = self.config.max_model_len
         if request.num_prompt_tokens >= limit:
             raise ValueError(
@@ -52,6 +51,11 @@ class Scheduler:
         if self.blocks.blocks_for(request.num_prompt_tokens + 1) > self.blocks.num_blocks:
             raise ValueError(f"prompt of {request.num_prompt_tokens} tokens needs more KV "
                              f"blocks than the cache has ({self.blocks.num_blocks})")
+
+    def add(self, request: Request) -> None:
+        if request.request_id in self._by_id:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        self.check(request)
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
         self._by_id[request.request_id] = request
@@ -184,6 +188,9 @@ class Scheduler:
     # ---- figures -----------------------------------------------------------------------
     def has_unfinished(self) -> bool:
         return bool(self._by_id)
+
+    def unfinished_ids(self) -> list[str]:
+        return list(self._by_id)
 
     def get(self, request_id: str) -> Request | None:
         return self._by_id.get(request_id)

@@ -1,0 +1,325 @@
+"""The OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, /v1/models,
+/health, /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from sloserve.engine import LLMEngine, Prompt, RequestOutput
+from sloserve.request import SLO
+from sloserve.server.async_engine import AsyncEngine, QueueFull
+from sloserve.server.metrics import ServerMetrics
+from sloserve.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerationBody,
+    error_body,
+)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # Bearer token required on /v1/* when set
+    max_waiting: int = 1024  # waiting requests beyond this get 429
+    request_timeout_s: float = 600.0  # a request still running after this is aborted
+    served_model_name: str | None = None  # None: the model's own name
+    default_slo: SLO = field(default_factory=SLO)  # objectives for requests that send none
+    shutdown_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may finish
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, err_type: str = "invalid_request_error",
+                 param: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.err_type = status, message, err_type
+        self.param, self.headers = param, headers
+
+
+def error_response(status: int, message: str, err_type: str, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, err_type, status, param), status_code=status,
+                        headers=headers)
+
+
+def build_app(engine: LLMEngine, config: ServerConfig, engine_thread: bool = True) -> FastAPI:
+    """The app; its startup starts the engine loop on a thread unless `engine_thread` is
+    False, in which case the caller runs `app.state.engine.run()` itself."""
+    model_name = config.served_model_name or engine.model_name
+    metrics = ServerMetrics(engine, model_name)
+    runner = AsyncEngine(engine, config.max_waiting, on_finish=metrics.record)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if engine_thread:
+            runner.start()
+        yield
+        runner.stop()
+
+    app = FastAPI(title="sloserve", version="0.1.0", lifespan=lifespan)
+    app.state.engine = runner
+    _install_error_handlers(app)
+    _install_auth(app, config.api_key)
+    handler = _Handler(engine, runner, config, model_name)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200 if runner.running else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{
+            "id": model_name, "object": "model", "created": handler.started,
+            "owned_by": "sloserve", "max_model_len": engine.max_model_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        return await handler.generate(body, _completion_prompts(body), chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest):
+        if not body.messages:
+            raise APIError(400, "messages must not be empty", param="messages")
+        return await handler.generate(body, [body.chat()], chat=True)
+
+    return app
+
+
+def _completion_prompts(body: CompletionRequest) -> list[Prompt]:
+    if body.echo or body.logprobs:
+        raise APIError(400, "echo and logprobs are not supported", param="logprobs")
+    prompt = body.prompt
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return [prompt]
+    if not prompt:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    return list(prompt)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> JSONResponse:
+        return error_response(e.status, e.message, e.err_type, e.param, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        problems, params = [], []
+        for err in e.errors():
+            if err.get("type") == "json_invalid":
+                problems.append(f"malformed JSON: {err.get('msg')}")
+                continue
+            loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            problems.append(f"{loc or 'body'}: {err.get('msg')}")
+            params.append(loc or None)
+        param = params[0] if params else None
+        return error_response(400, "; ".join(problems), "invalid_request_error", param)
+
+    @app.exception_handler(Exception)
+    async def server_error(_: Request, e: Exception) -> JSONResponse:
+        return error_response(500, f"internal error: {e}", "server_error")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return error_response(e.status_code, str(e.detail), "invalid_request_error")
+
+
+def _install_auth(app: FastAPI, api_key: str | None) -> None:
+    if not api_key:
+        return
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next):
+        if request.url.path.startswith("/v1") and \
+                request.headers.get("authorization") != f"Bearer {api_key}":
+            return error_response(401, "invalid or missing API key", "authentication_error")
+        return await call_next(request)
+
+
+class _Handler:
+    """Turns a request body into engine requests and their outputs into OpenAI responses."""
+
+    def __init__(self, engine: LLMEngine, runner: AsyncEngine, config: ServerConfig,
+                 model_name: str):
+        self.engine, self.runner, self.config = engine, runner, config
+        self.model_name = model_name
+        self.started = int(time.time())
+
+    async def generate(self, body: GenerationBody, prompts: list[Prompt], chat: bool):
+        if body.model not in (None, self.model_name):
+            raise APIError(404, f"model {body.model!r} does not exist; this server serves "
+                                f"{self.model_name!r}", param="model")
+        requests = self._make_requests(body, prompts)
+        streams = self._submit(requests)
+        base = _ResponseBase(
+            ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, int(time.time()),
+            self.model_name, chat)
+        merged = _merge(streams, self.config.request_timeout_s)
+        firsts = requests[:: body.n]  # one request per prompt, for prompt token counts
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(base.sse(merged, firsts, include_usage),
+                                     media_type="text/event-stream")
+        return await base.collect(merged, firsts)
+
+    def _make_requests(self, body: GenerationBody, prompts: list[Prompt]) -> list:
+        slo = _or_400(lambda: body.slo_with_defaults(self.config.default_slo), "slo")
+        requests, rid = [], uuid.uuid4().hex[:16]
+        for p_index, prompt in enumerate(prompts):
+            tokens = _or_400(lambda: self.engine.tokenize(prompt), "prompt")
+            max_tokens = body.requested_max_tokens() or self.engine.max_model_len - len(tokens)
+            for i in range(body.n):
+                params = _or_400(lambda: body.sampling_params(max(max_tokens, 1), i), None)
+                requests.append(_or_400(lambda: self.engine.make_request(
+                    tokens, params, slo, f"{rid}-{p_index * body.n + i}",
+                    priority=body.priority), "prompt"))
+        return requests
+
+    def _submit(self, requests: list) -> list[AsyncIterator[RequestOutput]]:
+        streams = []
+        try:
+            for request in requests:
+                streams.append(self.runner.add(request))
+        except QueueFull as e:
+            for request in requests[: len(streams)]:
+                self.runner.abort(request.request_id)
+            raise APIError(429, f"server busy: {e}", "rate_limit_error",
+                           headers={"Retry-After": "1"}) from None
+        return streams
+
+
+def _or_400(build, param: str | None):
+    try:
+        return build()
+    except ValueError as e:
+        raise APIError(400, str(e), param=param) from None
+
+
+async def _merge(streams: list[AsyncIterator[RequestOutput]], timeout: float
+                 ) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave the outputs of several requests as they come, tagged by choice index."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in stream:
+                await queue.put((index, out))
+        except Exception as e:
+            await queue.put((index, e))
+        await queue.put((index, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    deadline = time.monotonic() + timeout
+    try:
+        remaining = len(tasks)
+        while remaining:
+            try:
+                index, item = await asyncio.wait_for(queue.get(), deadline - time.monotonic())
+            except TimeoutError:
+                raise APIError(408, f"request timed out after {timeout:g} s", "timeout") from None
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:  # cancelling a pump closes its stream, which aborts the request
+        for task in tasks:
+            task.cancel()
+
+
+@dataclass
+class _ResponseBase:
+    id: str
+    created: int
+    model: str
+    chat: bool
+
+    def _envelope(self, choices: list, usage: dict | None = None, chunk: bool = False) -> dict:
+        kind = ("chat.completion" if self.chat else "text_completion") + (
+            ".chunk" if chunk and self.chat else "")
+        body = {"id": self.id, "object": kind, "created": self.created, "model": self.model,
+                "choices": choices}
+        if usage is not None:
+            body["usage"] = usage
+        return body
+
+    def _choice(self, index: int, text: str, out: RequestOutput | None, delta: bool) -> dict:
+        finish = out.finish_reason if out is not None and out.finished else None
+        if self.chat:
+            content = {"role": "assistant", "content": text}
+            choice = {"index": index, ("delta" if delta else "message"): content}
+        else:
+            choice = {"index": index, "text": text, "logprobs": None}
+        choice["finish_reason"] = finish
+        if finish is not None:
+            choice["timings"] = _timings(out)
+        return choice
+
+    async def collect(self, merged, requests) -> dict:
+        finals: dict[int, RequestOutput] = {}
+        async for index, out in merged:
+            if out.finished:
+                finals[index] = out
+        choices = [self._choice(i, finals[i].text, finals[i], False) for i in sorted(finals)]
+        return self._envelope(choices, _usage(requests, finals.values()))
+
+    async def sse(self, merged, requests, include_usage: bool) -> AsyncIterator[str]:
+        finals: dict[int, RequestOutput] = {}
+        try:
+            async for index, out in merged:
+                if out.finished:
+                    finals[index] = out
+                if out.delta_text or out.finished:
+                    choice = self._choice(index, out.delta_text, out, True)
+                    yield _sse(self._envelope([choice], chunk=True))
+            if include_usage:
+                yield _sse(self._envelope([], _usage(requests, finals.values()), chunk=True))
+        except APIError as e:
+            yield _sse(error_body(e.message, e.err_type, e.status))
+        except Exception as e:  # the engine failed or shut down: tell the client, then end
+            yield _sse(error_body(str(e), "server_error", 500))
+        finally:  # a client that left mid-stream lands here too: abort its requests now
+            await merged.aclose()
+        yield "data: [DONE]\n\n"
+
+
+def _sse(body: dict) -> str:
+    return f"data: {json.dumps(body)}\n\n"
+
+
+def _usage(requests, finals) -> dict:
+    prompt = sum(r.num_prompt_tokens for r in requests)
+    completion = sum(len(o.token_ids) for o in finals)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def _timings(out: RequestOutput) -> dict:
+    """sloserve's extension: this request's own server-side timings, in milliseconds."""
+    t = out.timings
+
+    def ms(value: float | None) -> float | None:
+        return None if value is None else round(value * 1e3, 3)
+
+    e2e = t["finish_time"] - t["arrival_time"]
+    return {"queueing_ms": ms(t["queueing_time"]), "ttft_ms": ms(t["ttft"]),
+            "tpot_ms": ms(t["tpot"]), "e2e_ms": ms(e2e),
+            "slo_attained": out.slo.attained(t["ttft"], t["tpot"], e2e)
+            if out.slo.has_objectives else None}

@@ -1,0 +1,164 @@
+"""The engine loop on its own thread, streaming outputs into asyncio queues.
+
+The event loop never runs a model step: handlers validate and build requests, hand them to
+the engine thread through an inbox, and await their outputs. The engine thread owns all
+scheduler state; other threads only append to the inbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from sloserve.engine import LLMEngine, RequestOutput
+from sloserve.request import Request
+
+log = logging.getLogger("sloserve.server")
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound: answer 429 and let the client retry."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue  # RequestOutput, or an Exception that ends the stream
+
+
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, max_waiting: int = 1024,
+                 on_finish: Callable[[RequestOutput], None] | None = None):
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self.on_finish = on_finish
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.running = False
+
+    def start(self) -> None:
+        """Run the engine loop on a new thread. A server process should rather call run()
+        on its main thread: torch's CPU thread pool is markedly faster there."""
+        self._thread = threading.Thread(target=self.run, name="sloserve-engine", daemon=True)
+        self._thread.start()
+
+    # ---- called from the event loop ----------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        scheduler = self.engine.scheduler
+        return len(scheduler.waiting) + len(scheduler.preempted) + self._inbox.qsize()
+
+    def add(self, request: Request) -> AsyncIterator[RequestOutput]:
+        """Queue a validated request; returns its output stream. Raises QueueFull."""
+        if self._stopping:
+            raise QueueFull("the server is shutting down")
+        if self.num_waiting >= self.max_waiting:
+            raise QueueFull(f"{self.num_waiting} requests are already waiting")
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._streams[request.request_id] = stream
+        self._inbox.put(("add", request))
+        self._wake.set()
+        return self._iterate(request.request_id, stream)
+
+    async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        finally:  # the consumer left early (disconnect, timeout): free the request
+            if self._streams.pop(request_id, None) is not None:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Abort what is left, end every stream with an error, and join the thread."""
+        self._stopping = True
+        self._inbox.put(("stop", None))
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ---- the engine thread -------------------------------------------------------------
+    def run(self) -> None:
+        """The engine loop; returns after stop()."""
+        self.running = True
+        try:
+            self._loop()
+        finally:
+            self.running = False
+
+    def _loop(self) -> None:
+        while True:
+            if not self._drain_inbox():
+                break
+            if not self.engine.has_unfinished():
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # a broken step must not hang every client
+                log.exception("engine step failed")
+                self._fail_all(RuntimeError(f"engine step failed: {e}"))
+                continue
+            self._deliver(outputs)
+        self._fail_all(RuntimeError("the server shut down before the request finished"))
+
+    def _drain_inbox(self) -> bool:
+        while True:
+            try:
+                op, arg = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+            if op == "stop":
+                return False
+            if op == "abort":
+                self.engine.abort(arg)
+            elif arg.request_id in self._streams:  # not abandoned before it got here
+                try:
+                    self.engine.submit(arg)
+                except ValueError as e:
+                    self._send(arg.request_id, e)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """One wake-up of each event loop per step, not one per token: the loop and the
+        engine share the GIL, and every wake-up costs the model step time."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for out in outputs:
+            if out.finished and self.on_finish is not None:
+                self.on_finish(out)
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
+    def _send(self, request_id: str, item: RequestOutput | Exception) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+    def _fail_all(self, error: Exception) -> None:
+        for request_id in self.engine.scheduler.unfinished_ids():
+            self.engine.abort(request_id)
+        for request_id in list(self._streams):
+            self._send(request_id, error)

@@ -1,0 +1,167 @@
+"""The HTTP API through the official openai client, against a real server process."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import openai
+import pytest
+
+from sloserve import SamplingParams
+from tests.server.conftest import API_KEY, ServerProcess
+
+MODEL = "SmolLM2-135M-Instruct"
+HI = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(f"{server.url}/health").status_code == 200  # open without a key
+
+
+def test_chat_greedy_equals_offline_generate_and_usage_matches_tokenizer(client, llm):
+    reply = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=24,
+                                           temperature=0)
+    offline = llm.generate(HI, SamplingParams(max_tokens=24, temperature=0))[0]
+    choice = reply.choices[0]
+    assert choice.message.content == offline.text and choice.finish_reason == offline.finish_reason
+    prompt_ids = llm.engine.apply_chat_template(HI)
+    assert reply.usage.prompt_tokens == len(prompt_ids)
+    assert reply.usage.completion_tokens == len(offline.token_ids)
+    timings = choice.model_extra["timings"]
+    assert 0 <= timings["queueing_ms"] <= timings["ttft_ms"] <= timings["e2e_ms"]
+
+
+def test_completion_with_stop_string_and_length(client, llm):
+    prompt = "The three primary colors are"
+    full = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
+    assert full.choices[0].finish_reason == "length"
+    assert full.usage.completion_tokens == 12
+    assert full.usage.prompt_tokens == len(llm.tokenizer.encode(prompt))
+    stop = full.choices[0].text.split()[1]
+    cut = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
+                                    stop=[stop])
+    assert cut.choices[0].finish_reason == "stop"
+    assert full.choices[0].text.startswith(cut.choices[0].text) and stop not in cut.choices[0].text
+
+
+def test_streaming_chat_with_usage(client):
+    stream = client.chat.completions.create(
+        model=MODEL, messages=HI, max_tokens=16, temperature=0, stream=True,
+        stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] in ("stop", "length") and all(f is None for f in finishes[:-1])
+    assert chunks[-1].usage.completion_tokens >= 1 and not chunks[-1].choices
+    whole = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=16,
+                                           temperature=0)
+    assert text == whole.choices[0].message.content
+
+
+def test_n_two_choices_and_slo_extension(client):
+    reply = client.chat.completions.create(
+        model=MODEL, messages=HI, max_tokens=8, temperature=1.0, seed=3, n=2,
+        extra_body={"slo": {"ttft_ms": 60000, "tpot_ms": 60000, "realtime": True},
+                    "priority": 1})
+    assert sorted(c.index for c in reply.choices) == [0, 1]
+    assert reply.usage.completion_tokens <= 16 and reply.usage.prompt_tokens < 40
+    assert all(c.model_extra["timings"]["slo_attained"] is True for c in reply.choices)
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"model": MODEL, "messages": []}, 400, "messages"),
+    ({"model": "gpt-4", "messages": HI}, 404, "gpt-4"),
+    ({"model": MODEL, "messages": HI, "temperature": -1}, 400, "temperature"),
+    ({"model": MODEL, "messages": HI, "top_p": 1.5}, 400, "top_p"),
+    ({"model": MODEL, "messages": HI, "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": MODEL, "messages": HI, "slo": {"tpot_ms": -5}}, 400, "tpot_ms"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi " * 2000}]}, 400, "context"),
+])
+def test_bad_input_gets_openai_error(server, body, status, words):
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body,
+                   headers={"Authorization": f"Bearer {API_KEY}"})
+    assert r.status_code == status
+    error = r.json()["error"]
+    assert words in error["message"] and error["type"]
+
+
+def test_malformed_json_and_api_key(server):
+    r = httpx.post(f"{server.url}/v1/completions", content=b'{"prompt": ',
+                   headers={"Authorization": f"Bearer {API_KEY}",
+                            "Content-Type": "application/json"})
+    assert r.status_code == 400 and "malformed JSON" in r.json()["error"]["message"]
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = httpx.get(f"{server.url}/v1/models", headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+
+
+def test_openapi_spec_documents_the_extensions(server):
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/models"} <= set(spec["paths"])
+    chat = spec["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    assert {"messages", "max_completion_tokens", "slo", "priority", "stream"} <= set(chat)
+
+
+def test_dropped_streams_are_aborted_and_their_blocks_freed(server):
+    from openai import AsyncOpenAI
+
+    async def one(client, index: int) -> str | None:
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"Tell story number {index}."}],
+            max_tokens=48, temperature=0, stream=True, extra_body={"ignore_eos": True})
+        pieces = []
+        async for chunk in stream:
+            pieces.append(chunk)
+            if index % 2 and len(pieces) == 3:
+                await stream.close()  # the client walks away mid-stream
+                return None
+        assert pieces[-1].choices[0].finish_reason == "length"
+        return "".join(c.choices[0].delta.content or "" for c in pieces)
+
+    async def main():
+        client = AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
+        return await asyncio.gather(*(one(client, i) for i in range(16)))
+
+    results = asyncio.run(main())
+    assert sum(r is not None for r in results) == 8 and all(results[0::2])
+    for _ in range(50):  # aborts land within a step or two
+        if server.metric("num_requests_running") == 0:
+            break
+        asyncio.run(asyncio.sleep(0.1))
+    assert server.metric("num_requests_running") == 0
+    assert server.metric("kv_cache_usage_perc") == 0.0
+
+
+def test_flood_past_max_waiting_gets_429():
+    srv = ServerProcess("--max-waiting", "2", "--max-num-seqs", "1")
+    try:
+        async def main():
+            async with httpx.AsyncClient(timeout=120) as http:
+                body = {"prompt": "Count to fifty:", "max_tokens": 16, "ignore_eos": True}
+                return await asyncio.gather(*(http.post(f"{srv.url}/v1/completions", json=body)
+                                              for _ in range(12)))
+
+        responses = asyncio.run(main())
+        codes = [r.status_code for r in responses]
+        assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
+        busy = next(r for r in responses if r.status_code == 429)
+        assert busy.headers["Retry-After"] and busy.json()["error"]["type"] == "rate_limit_error"
+        assert srv.metric("kv_cache_usage_perc") == 0.0
+    finally:
+        srv.stop()
+
+
+def test_sigterm_finishes_in_flight_requests_then_exits():
+    srv = ServerProcess()
+    client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0)
+    stream = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=40,
+                                       temperature=0, stream=True, extra_body={"ignore_eos": True})
+    first = next(iter(stream))
+    srv.proc.terminate()
+    rest = list(stream)
+    assert first.choices[0].text is not None
+    assert rest[-1].choices[0].finish_reason == "length"
+    assert srv.proc.wait(30) == 0
+    assert b"Application shutdown complete" in srv.proc.stdout.read()
