@@ -23,12 +23,40 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--policy", default="fcfs")
+    p.add_argument("--policy", default="fcfs", help="fcfs, delay, chunked, slice or edf")
+    p.add_argument("--delay-factor", type=float, default=None, help="delay: x last prompt latency")
+    p.add_argument("--slice-period-ms", type=float, default=None, help="slice: decode cycle")
+    p.add_argument("--slice-ratio", type=float, default=None,
+                   help="slice: share of each cycle for decoding (the rest: prefills)")
+    p.add_argument("--realtime-utility", type=float, default=None,
+                   help="slice: utility of a real-time task (others: 1)")
+    p.add_argument("--latency-profile", default=None,
+                   help="slice: JSON from `sloserve profile` (default: the shipped CPU one)")
     p.add_argument("--no-prefix-caching", action="store_true")
 
 
+POLICY_FLAGS = {"delay": {"delay_factor": "delay_factor"},
+                "slice": {"slice_period_ms": "period_ms", "slice_ratio": "ratio",
+                          "realtime_utility": "realtime_utility",
+                          "latency_profile": "latency"}}
+
+
+def policy_options(args: argparse.Namespace) -> dict:
+    """The policy's own knobs from its flags; a flag for another policy is an error."""
+    options = {}
+    for policy, flags in POLICY_FLAGS.items():
+        for flag, option in flags.items():
+            value = getattr(args, flag)
+            if value is None:
+                continue
+            if policy != args.policy:
+                raise CLIError(f"--{flag.replace('_', '-')} applies to --policy {policy}")
+            options[option] = value
+    return options
+
+
 def engine_config(args: argparse.Namespace):
-    from sloserve.core.policies import policy_names
+    from sloserve.core.policies import make_policy, policy_names
     from sloserve.core.scheduler import SchedulerConfig
     from sloserve.engine import EngineConfig
 
@@ -37,8 +65,9 @@ def engine_config(args: argparse.Namespace):
     try:
         scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                     max_num_batched_tokens=args.max_num_batched_tokens,
-                                    policy=args.policy)
-    except ValueError as e:
+                                    policy=args.policy, policy_options=policy_options(args))
+        make_policy(args.policy, **scheduler.policy_options)  # bad knob values fail here
+    except (ValueError, OSError) as e:
         raise CLIError(str(e)) from None
     return EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
                         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
@@ -88,6 +117,41 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise CLIError(str(e)) from None
 
 
+def cmd_profile(args: argparse.Namespace) -> None:
+    import json
+    import platform
+
+    from sloserve.engine import LLMEngine
+    from sloserve.profiler import profile
+
+    try:
+        batches = _int_list(args.batch_sizes, "--batch-sizes")
+        tokens = _int_list(args.prefill_tokens, "--prefill-tokens")
+        engine = LLMEngine(engine_config(args))
+    except (ValueError, FileNotFoundError) as e:
+        raise CLIError(str(e)) from None
+    model = profile(engine, batches, tokens, context=args.context)
+    data = {"model": engine.model_name, "device": str(engine.runner.device),
+            "machine": platform.machine(), **model.to_dict()}
+    with open(args.out, "w") as f:
+        json.dump(data, f, indent=2)
+    for b, t in zip(model.decode_batch, model.decode_s):
+        print(f"decode batch {b:4d}: {t * 1e3:8.1f} ms")
+    for n, t in zip(model.prefill_tokens, model.prefill_s):
+        print(f"prefill {n:5d} tokens: {t * 1e3:8.1f} ms")
+    print(f"wrote {args.out}")
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if not values or min(values) <= 0 or values != sorted(values):
+        raise ValueError(f"{flag} must be positive and increasing, got {text!r}")
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sloserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,6 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="default end-to-end objective")
     add_engine_args(srv)
     srv.set_defaults(func=cmd_serve)
+
+    prof = sub.add_parser("profile", help="measure step latency, write a latency profile")
+    prof.add_argument("--out", default="latency-profile.json")
+    prof.add_argument("--batch-sizes", default="1,2,4,8,16,32,64")
+    prof.add_argument("--prefill-tokens", default="16,64,256,1024")
+    prof.add_argument("--context", type=int, default=128, help="context of decode requests")
+    add_engine_args(prof)
+    prof.set_defaults(func=cmd_profile)
     return parser
 
 

@@ -82,6 +82,7 @@ class Scheduler:
     # ---- one step ----------------------------------------------------------------------
     def schedule(self, now: float) -> Plan:
         plan = Plan(now=now)
+        self.policy.prepare(self, now)
         budget = self._schedule_running(plan, self.config.max_num_batched_tokens, now)
         # After a preemption the pool is full: admitting now would only thrash (as vLLM v1).
         if (self.waiting or self.preempted) and not plan.preempted \

@@ -74,7 +74,8 @@ class TorchPagedAttention:
         else:  # query i sits at position pos + i and sees keys up to it
             rows = torch.arange(q_len, device=q.device)[:, None] + pos
             mask, causal = torch.arange(context, device=q.device)[None, :] <= rows, False
+        # 4-D inputs: with 3-D ones torch's CPU SDPA falls back to its slow math path.
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k, v, attn_mask=mask, is_causal=causal, scale=scale,
-            enable_gqa=True)
-        return out.transpose(0, 1)
+            q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask, is_causal=causal,
+            scale=scale, enable_gqa=True)
+        return out[0].transpose(0, 1)

@@ -20,7 +20,7 @@ import torch
 
 from sloserve.model.attention import TorchPagedAttention
 from sloserve.model.config import NAMED_SHAPES, ModelConfig
-from sloserve.model.cpu_gemm import pack_linears
+from sloserve.model.cpu import tune_for_cpu
 from sloserve.model.decoder import DecoderLM, Rotary
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -114,7 +114,7 @@ def load(spec: str | None, dtype: torch.dtype, device: torch.device,
     else:
         model.load_state_dict(_read_weights(folder, config, dtype, device))
     if device.type == "cpu":
-        pack_linears(model)
+        tune_for_cpu(model)
     if folder is None or not any((folder / f).exists() for f in TOKENIZER_FILES):
         folder = resolve(None)[1]  # models without a tokenizer borrow the embedded one
     return LoadedModel(model.eval(), config, AutoTokenizer.from_pretrained(folder), name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sloserve import LLM, SamplingParams
+from sloserve import LLM, SLO, SamplingParams
 from sloserve.engine import EngineConfig, LLMEngine
 from tests.conftest import CHAT_PROMPTS, chat
 
@@ -34,6 +34,21 @@ def test_batched_greedy_matches_hf(llm, references):
     results = llm.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0))
     assert [r.token_ids for r in results] == expected
     assert llm.engine.blocks.num_used_blocks == 0
+
+
+@pytest.mark.parametrize("policy", ["delay", "chunked", "slice", "edf"])
+def test_greedy_matches_hf_under_every_policy(references, policy):
+    prompts, expected = references
+    options = {"max_num_batched_tokens": 64} if policy == "chunked" else {}
+    llm = LLM(policy=policy, **options)  # chunked: prompts split over several steps
+    slos = [SLO(tpot_ms=50, realtime=i % 3 == 0, ttft_ms=1000) for i in range(len(prompts))]
+    engine = llm.engine
+    requests = [engine.add_request(p, SamplingParams(max_tokens=MAX_TOKENS, temperature=0), s)
+                for p, s in zip(prompts, slos)]
+    while engine.has_unfinished():
+        engine.step()
+    assert [r.output_token_ids for r in requests] == expected
+    assert engine.blocks.num_used_blocks == 0
 
 
 def test_greedy_matches_hf_under_preemption(llm, references):

