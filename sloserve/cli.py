@@ -1,4 +1,4 @@
-"""sloserve serve | generate: the command line."""
+"""sloserve serve | generate | profile | bench | sim: the command line."""
 
 from __future__ import annotations
 
@@ -188,14 +188,36 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--context", type=int, default=128, help="context of decode requests")
     add_engine_args(prof)
     prof.set_defaults(func=cmd_profile)
+
+    from sloserve.bench import command as bench
+
+    run = sub.add_parser("bench", help="load an OpenAI-compatible endpoint and measure SLOs "
+                                       "(`sloserve bench compare RUN...` overlays runs)")
+    bench.add_run_args(run)
+    run.set_defaults(func=bench.cmd_bench)
+    compare = sub.add_parser("bench-compare", help="overlay results folders")
+    compare.add_argument("runs", nargs="+")
+    compare.add_argument("--out", default="bench-compare")
+    compare.set_defaults(func=bench.cmd_compare)
+
+    from sloserve.sim import command as sim
+
+    simulate = sub.add_parser("sim", help="simulate a workload on the real scheduler")
+    sim.add_sim_args(simulate)
+    simulate.set_defaults(func=sim.cmd_sim)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sloserve.bench.command import BenchError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["bench", "compare"]:
+        argv = ["bench-compare", *argv[2:]]
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except CLIError as e:
+    except (CLIError, BenchError) as e:
         print(f"sloserve {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -75,8 +75,89 @@ class LatencyModel:
         return _interp(self.prefill_tokens, self.prefill_s, tokens)
 
     def step_time(self, plan: Plan) -> float:
-        decodes = [c for c in plan.chunks if c.is_decode]
-        prefill_tokens = plan.num_batched_tokens - len(decodes)
-        extra_context = sum(c.start + 1 - self.decode_context for c in decodes)
-        return (self.decode_time(len(decodes)) + self.prefill_time(prefill_tokens)
-                + self.context_s_per_token * extra_context)
+        """A decode-only step costs l(b); once prompt tokens ride along, the step costs a
+        prefill of all its tokens (each decode row counts as one more token)."""
+        decodes = extra_context = 0
+        for c in plan.chunks:
+            if c.is_decode:
+                decodes += 1
+                extra_context += c.start + 1 - self.decode_context
+        tokens = plan.num_batched_tokens
+        base = self.decode_time(decodes) if tokens == decodes else self.prefill_time(tokens)
+        return base + self.context_s_per_token * extra_context
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    bandwidth: float  # HBM bytes/s
+    flops: float  # dense bf16 FLOP/s
+    memory: float  # bytes
+
+
+GPUS = {
+    "h100": GPU("H100 SXM", 3.35e12, 989e12, 80e9),
+    "h200": GPU("H200", 4.8e12, 989e12, 141e9),
+    "a100": GPU("A100 80GB", 2.0e12, 312e12, 80e9),
+}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What a step's cost depends on: parameters, layers, attention and KV sizes (bf16)."""
+
+    params: int  # excluding the embedding table, which is read one row per token
+    layers: int
+    heads: int
+    head_dim: int
+    kv_heads: int
+    vocab: int
+    hidden: int
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * 2
+
+
+@dataclass(frozen=True)
+class RooflineModel:
+    """Analytic step time for hardware we cannot run: each step reads every weight once and
+    each scheduled request's KV; it takes the longer of memory and compute time at the given
+    efficiencies, plus a fixed per-step overhead."""
+
+    gpu: GPU
+    shape: ModelShape
+    bandwidth_efficiency: float = 0.8
+    compute_efficiency: float = 0.6
+    step_overhead_s: float = 0.002
+    decode_context: int = 1024
+
+    def _time(self, tokens: int, kv_read_tokens: int, attention_flops: float) -> float:
+        if tokens == 0:
+            return 0.0
+        s = self.shape
+        bytes_moved = 2 * s.params + kv_read_tokens * s.kv_bytes_per_token
+        flops = 2 * s.params * tokens + attention_flops
+        return (max(bytes_moved / (self.gpu.bandwidth * self.bandwidth_efficiency),
+                    flops / (self.gpu.flops * self.compute_efficiency)) + self.step_overhead_s)
+
+    def _attention_flops(self, query_tokens: int, context: int) -> float:
+        s = self.shape
+        return 4.0 * s.layers * s.heads * s.head_dim * query_tokens * context
+
+    def decode_time(self, batch: int) -> float:
+        ctx = self.decode_context
+        return self._time(batch, batch * ctx, batch * self._attention_flops(1, ctx))
+
+    def prefill_time(self, tokens: int) -> float:
+        return self._time(tokens, tokens, self._attention_flops(tokens, tokens / 2))
+
+    def step_time(self, plan: Plan) -> float:
+        tokens = kv = 0
+        flops = 0.0
+        for c in plan.chunks:
+            context = c.start + c.num_tokens
+            tokens += c.num_tokens
+            kv += context
+            flops += self._attention_flops(c.num_tokens, c.start + c.num_tokens / 2)
+        return self._time(tokens, kv, flops)

@@ -6,6 +6,7 @@ the simulator can drive it with virtual time. Decisions are delegated to a Polic
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,8 +36,9 @@ class Scheduler:
         self.config = config
         self.blocks = block_manager
         self.policy = policy or make_policy(config.policy, **config.policy_options)
-        self.waiting: list[Request] = []
-        self.preempted: list[Request] = []  # in preemption order
+        # deques: admission mostly takes from the front, which a deque removes in O(1)
+        self.waiting: deque[Request] = deque()
+        self.preempted: deque[Request] = deque()  # in preemption order
         self.running: list[Request] = []
         self._by_id: dict[str, Request] = {}
 
@@ -57,8 +59,16 @@ class Scheduler:
             raise ValueError(f"duplicate request id {request.request_id!r}")
         self.check(request)
         request.status = RequestStatus.WAITING
-        self.waiting.append(request)
+        self._enqueue(request)
         self._by_id[request.request_id] = request
+
+    def _enqueue(self, request: Request) -> None:
+        """Keep `waiting` in (arrival, priority) order; arrivals almost always come last."""
+        key = (request.arrival_time, request.priority)
+        i = len(self.waiting)
+        while i and (self.waiting[i - 1].arrival_time, self.waiting[i - 1].priority) > key:
+            i -= 1
+        self.waiting.insert(i, request)
 
     def abort(self, request_id: str, now: float) -> Request | None:
         request = self._by_id.get(request_id)
@@ -121,22 +131,27 @@ class Scheduler:
 
     def _admit(self, plan: Plan, budget: int, now: float) -> None:
         step_budget = self.config.max_num_batched_tokens
-        for request in list(self.policy.admission_order(self.preempted, self.waiting, now)):
-            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+        admitted = []
+        # Candidates are read lazily (a long queue is not copied each step) and leave their
+        # queue after the loop, which must not change while it is being read.
+        for request in self.policy.admission_order(self.preempted, self.waiting, now):
+            if budget <= 0 or len(self.running) + len(admitted) >= self.config.max_num_seqs:
                 break
             pending = request.num_tokens - self.blocks.num_cached_tokens(request)
             n = self.policy.chunk_size(request, pending, budget, step_budget)
             if n <= 0 or not self.blocks.can_allocate(request, n):
                 break
+            self.blocks.allocate(request, n)
+            admitted.append(request)
+            self._add_chunk(plan, request, n, now)
+            budget -= n
+        for request in admitted:
             (self.preempted if request.status == RequestStatus.PREEMPTED
              else self.waiting).remove(request)
-            self.blocks.allocate(request, n)
             request.status = RequestStatus.RUNNING
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = now
             self.running.append(request)
-            self._add_chunk(plan, request, n, now)
-            budget -= n
 
     def _add_chunk(self, plan: Plan, request: Request, n: int, now: float) -> None:
         start = request.num_computed_tokens

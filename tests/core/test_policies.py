@@ -95,8 +95,10 @@ def test_slice_selects_realtime_first_and_rejects_an_infeasible_set():
 
 
 def test_slice_decodes_a_50ms_task_twice_as_often_as_a_100ms_one():
+    # l(1) = 30 ms, l(2) = 55 ms: the pair is feasible at these rates (0.85 s of decoding per
+    # second), but the slow task never fits into the fast one's columns for free.
     scheduler = make_scheduler(policy="slice", policy_options={
-        "latency": linear_latency(0.001, 0.001), "period_ms": 1000.0})
+        "latency": linear_latency(0.005, 0.025), "period_ms": 1000.0})
     fast = make_request("fast", 4, max_tokens=500, slo=SLO(tpot_ms=50, realtime=True))
     slow = make_request("slow", 4, max_tokens=500, slo=SLO(tpot_ms=100))
     scheduler.add(fast)
@@ -109,6 +111,19 @@ def test_slice_decodes_a_50ms_task_twice_as_often_as_a_100ms_one():
         for c in run_step(scheduler, 1.0 + step).chunks:
             counts[c.request.request_id] += 1
     assert counts == {"fast": 20, "slow": 10}
+
+
+def test_slice_fills_spare_room_in_a_step_with_unmarked_tasks():
+    scheduler = make_scheduler(policy="slice", policy_options={
+        "latency": linear_latency(0.001, 0.001)})  # fast steps: room for everyone
+    for name, tpot in (("fast", 50), ("slow", 100)):
+        scheduler.add(make_request(name, 4, max_tokens=500, slo=SLO(tpot_ms=tpot)))
+    run_step(scheduler, 0.0)
+    counts = {"fast": 0, "slow": 0}
+    for step in range(20):  # 10 ms steps: both tasks stay ahead of their pace
+        for c in run_step(scheduler, 0.01 * (step + 1)).chunks:
+            counts[c.request.request_id] += 1
+    assert counts == {"fast": 20, "slow": 20}
 
 
 def test_slice_pauses_unselected_tasks_and_resumes_them_when_capacity_frees():

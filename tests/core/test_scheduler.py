@@ -22,13 +22,13 @@ def test_admits_in_arrival_order_within_token_budget():
     for i, arrival in enumerate([0.2, 0.1, 0.3]):
         scheduler.add(make_request(f"r{i}", prompt_len=4, arrival=arrival))
     plan = run_step(scheduler, now=1.0)
-    # Queue order is arrival order of add(); 4 + 4 fit in 10 tokens, the third does not.
-    assert [c.request.request_id for c in plan.chunks] == ["r0", "r1"]
+    # By arrival time, whatever the order of add(); 4 + 4 fit in 10 tokens, the third not.
+    assert [c.request.request_id for c in plan.chunks] == ["r1", "r0"]
     assert plan.num_batched_tokens == 8
     plan = run_step(scheduler, now=2.0)
     # Running decodes go first, then the waiting prompt fills the budget.
     assert [(c.request.request_id, c.num_tokens) for c in plan.chunks] == [
-        ("r0", 1), ("r1", 1), ("r2", 4)]
+        ("r1", 1), ("r0", 1), ("r2", 4)]
     assert scheduler.get("r2").queueing_time == pytest.approx(2.0 - 0.3)
 
 

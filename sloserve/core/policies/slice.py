@@ -22,9 +22,11 @@ from typing import TYPE_CHECKING
 
 from sloserve.core.latency import LatencyModel
 from sloserve.core.policies.base import Policy, register
+from sloserve.core.policies.edf import next_deadline
 from sloserve.request import Request
 
 if TYPE_CHECKING:
+    from sloserve.core.plan import Plan
     from sloserve.core.scheduler import Scheduler
 
 
@@ -45,7 +47,7 @@ class SlicePolicy(Policy):
     def __init__(self, realtime_utility: float = 10.0, utility: float = 1.0,
                  period_ms: float = 1000.0, ratio: float = 0.9,
                  best_effort_tpot_ms: float = 250.0,
-                 latency: LatencyModel | str | None = None):
+                 latency: LatencyModel | str | None = None, work_conserving: bool = True):
         if not 0 < ratio <= 1 or period_ms <= 0 or best_effort_tpot_ms <= 0:
             raise ValueError("slice needs 0 < ratio <= 1, period_ms > 0, best_effort_tpot_ms > 0")
         if realtime_utility <= 0 or utility <= 0:
@@ -53,16 +55,28 @@ class SlicePolicy(Policy):
         self.realtime_utility, self.utility = realtime_utility, utility
         self.period_s, self.ratio = period_ms / 1e3, ratio
         self.best_effort_tpot_ms = best_effort_tpot_ms
+        self.work_conserving = work_conserving  # spare room in a step goes to unmarked tasks
         if latency is None:
             latency = LatencyModel.default()
         elif isinstance(latency, str):
             latency = LatencyModel.from_file(latency)
         self.latency = latency
+        self.speed = 1.0  # measured / predicted step time, learnt online (EWMA)
         self._members: frozenset[str] = frozenset()
         self.selected: list[Request] = []  # by utility rate, highest first
         self.rows: dict[str, frozenset[int]] = {}  # the mask: request id -> its columns
         self.num_columns = 1
         self.column = 0
+        self._prefill_room = 1 << 30  # prefill tokens left in this step
+
+    def decode_time(self, batch: int) -> float:
+        """l(b) from the profile, corrected by how fast steps have really been running."""
+        return self.latency.decode_time(batch) * self.speed
+
+    def observe(self, plan: Plan, step_time: float) -> None:
+        predicted = self.latency.step_time(plan)
+        if predicted > 0:
+            self.speed += 0.1 * (step_time / predicted - self.speed)
 
     # ---- stage 1: task selection -------------------------------------------------------
     def rate(self, request: Request) -> float:
@@ -81,7 +95,7 @@ class SlicePolicy(Policy):
     def select(self, candidates: Sequence[Request]) -> list[Request]:
         ordered = sorted(candidates, key=lambda r: (-self.utility_rate(r), not r.slo.realtime,
                                                     r.arrival_time))
-        steps = [self.latency.decode_time(b) for b in range(len(ordered) + 1)]
+        steps = [self.decode_time(b) for b in range(len(ordered) + 1)]
         chosen: list[Request] = []
         rates: list[float] = []  # descending
         for request in ordered:
@@ -114,10 +128,36 @@ class SlicePolicy(Policy):
     # ---- the mechanism's questions -----------------------------------------------------
     def running_order(self, running: Sequence[Request], now: float) -> Iterable[Request]:
         """Selected tasks marked in this column, plus selected prefills still in progress;
-        everything else pauses this step (keeping its KV)."""
-        on = {r.request_id for r in running
-              if r.num_pending_tokens > 1 or self.column in self.rows.get(r.request_id, ())}
-        return [r for r in self.selected if r.request_id in on]
+        then, while the step still ends within the tightest TPOT of those (work-conserving
+        fill), unmarked selected tasks. Everything else pauses this step, keeping its KV."""
+        live = {r.request_id for r in running}
+        marked, unmarked = [], []
+        for r in self.selected:
+            if r.request_id in live:
+                on = r.num_pending_tokens > 1 or self.column in self.rows.get(r.request_id, ())
+                (marked if on else unmarked).append(r)
+        decodes = [r for r in marked if r.num_pending_tokens == 1]
+        # The step may last until the first of these tasks' next tokens falls due at its TPOT
+        # pace: tasks ahead of pace lend their slack to prefills and to unmarked tasks.
+        limit = min((next_deadline(r) for r in decodes), default=float("inf")) - now
+        fill = []
+        for r in unmarked if self.work_conserving else ():
+            if self.decode_time(len(decodes) + len(fill) + 1) > limit:
+                break
+            fill.append(r)
+        self._prefill_room = self._room_for_prefill(len(decodes) + len(fill), limit)
+        return marked + fill
+
+    def _room_for_prefill(self, num_decodes: int, limit: float) -> int:
+        """Prefill tokens this step may carry so that it still ends within `limit` seconds:
+        a prompt never makes a decoding task miss its pace. A prompt token added to a decode
+        step costs about what one more decode row costs."""
+        if limit == float("inf"):
+            return 1 << 30
+        room = 0
+        while room < 1 << 16 and self.decode_time(num_decodes + room + 8) <= limit:
+            room += 8
+        return room
 
     def admission_order(self, preempted: Sequence[Request], waiting: Sequence[Request],
                         now: float) -> Iterable[Request]:
@@ -126,7 +166,11 @@ class SlicePolicy(Policy):
         return sorted(chosen, key=lambda r: not r.slo.realtime)  # stable: real-time first
 
     def chunk_size(self, request: Request, num_pending: int, budget: int, step_budget: int) -> int:
-        return min(num_pending, budget)  # a prompt never blocks the real-time decodes
+        if num_pending == 1:
+            return 1
+        size = min(num_pending, budget, self._prefill_room)
+        self._prefill_room -= size
+        return size
 
     def pick_victim(self, candidates: Sequence[Request], now: float) -> Request:
         chosen = {r.request_id for r in self.selected}

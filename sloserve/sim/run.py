@@ -1,0 +1,80 @@
+"""Build a simulated deployment from plain settings and run a workload through it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sloserve.bench.metrics import RequestRecord
+from sloserve.bench.workload import RequestSpec
+from sloserve.core.latency import GPUS, LatencyModel, ModelShape, RooflineModel
+from sloserve.core.plan import Plan
+from sloserve.core.scheduler import SchedulerConfig
+from sloserve.sim.cluster import Cluster, InstanceConfig, SimInstance
+
+CPU_KV_BYTES_PER_TOKEN = 2 * 30 * 3 * 64 * 4  # SmolLM2-135M in float32, the CPU profile's model
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """What to simulate: hardware (a measured profile, or a GPU + model shape), the
+    scheduler and its policy, and how many instances behind which router."""
+
+    latency_profile: str | None = None  # JSON from `sloserve profile`; None: shipped CPU one
+    gpu: str | None = None  # h100 | h200 | a100: analytic roofline instead of a profile
+    model_shape: str = "llama-3-8b"  # with gpu: a name from sloserve.model.config
+    num_instances: int = 1
+    router: str = "round_robin"
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    num_kv_blocks: int | None = None  # None: from the GPU's memory, or 1 GiB on the CPU
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+
+
+def latency_model(d: Deployment) -> tuple[Any, int]:
+    """The step-latency model and the KV capacity in blocks."""
+    if d.gpu is None:
+        latency = LatencyModel.from_file(d.latency_profile) if d.latency_profile \
+            else LatencyModel.default()
+        blocks = d.num_kv_blocks or (1 << 30) // CPU_KV_BYTES_PER_TOKEN // d.block_size
+        return latency, blocks
+    if d.gpu not in GPUS:
+        raise ValueError(f"unknown GPU {d.gpu!r}; choose one of {', '.join(GPUS)}")
+    shape = model_shape(d.model_shape)
+    gpu = GPUS[d.gpu]
+    free = gpu.memory * d.gpu_memory_utilization - 2 * (shape.params + shape.vocab * shape.hidden)
+    blocks = d.num_kv_blocks or int(free // (shape.kv_bytes_per_token * d.block_size))
+    if blocks <= 0:
+        raise ValueError(f"{d.model_shape} does not fit on one {gpu.name}")
+    return RooflineModel(gpu, shape), blocks
+
+
+def model_shape(name: str) -> ModelShape:
+    from sloserve.model.config import NAMED_SHAPES, ModelConfig  # plain data, no torch
+
+    if name not in NAMED_SHAPES:
+        raise ValueError(f"unknown model shape {name!r}; known: {', '.join(NAMED_SHAPES)}")
+    c = ModelConfig.from_hf(dict(NAMED_SHAPES[name]))
+    lm_head = c.vocab_size * c.hidden_size
+    linear = c.num_params - lm_head * (1 if c.tie_word_embeddings else 2) + lm_head
+    return ModelShape(linear, c.num_layers, c.num_heads, c.head_dim, c.num_kv_heads,
+                      c.vocab_size, c.hidden_size)
+
+
+def simulate(d: Deployment, specs: list[RequestSpec], on_plan=None
+             ) -> tuple[list[RequestRecord], float]:
+    latency, blocks = latency_model(d)
+    instance = InstanceConfig(blocks, d.block_size)
+    instances = [SimInstance(d.scheduler, instance, latency, on_plan)
+                 for _ in range(d.num_instances)]
+    return Cluster(instances, d.router, d.scheduler.max_model_len).run(specs)
+
+
+def plan_log() -> tuple[list[tuple], Any]:
+    """A list and a callback that appends each Plan's signature to it (for tests)."""
+    log: list[tuple] = []
+
+    def record(plan: Plan) -> None:
+        log.append(plan.signature())
+
+    return log, record
