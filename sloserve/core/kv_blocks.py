@@ -35,17 +35,21 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Free blocks in eviction order; a cached free block can still be revived by a hit.
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        # Without prefix caching no block is ever shared or revived: a plain stack of free
+        # ids, moved in bulk, does (the simulator allocates millions of blocks).
+        self._stack: list[int] | None = None if enable_prefix_caching else list(
+            range(num_blocks - 1, -1, -1))
         self._cached: dict[int, int] = {}  # block hash -> block id
         self._hashes: dict[str, list[int]] = {}  # request id -> hashes of its full blocks
 
     # ---- usage figures -------------------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        return len(self._free) if self._stack is None else len(self._stack)
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.num_free_blocks
 
     @property
     def usage(self) -> float:
@@ -84,7 +88,7 @@ class BlockManager:
         num_new_tokens = min(num_new_tokens, request.num_tokens - cached_tokens)
         fresh = self.blocks_for(cached_tokens + num_new_tokens) - len(hits)
         revived = sum(1 for b in hits if self.blocks[b].ref_count == 0)
-        return fresh + revived <= len(self._free)
+        return fresh + revived <= self.num_free_blocks
 
     def allocate(self, request: Request, num_new_tokens: int) -> int:
         """Give a new (or recomputing) request its prefix hits and fresh blocks for
@@ -108,16 +112,25 @@ class BlockManager:
         return max(0, needed - len(request.block_ids))
 
     def can_append(self, request: Request, num_new_tokens: int = 1) -> bool:
-        return self._missing_blocks(request, num_new_tokens) <= len(self._free)
+        return self._missing_blocks(request, num_new_tokens) <= self.num_free_blocks
 
     def append(self, request: Request, num_new_tokens: int = 1) -> None:
         missing = self._missing_blocks(request, num_new_tokens)
-        if missing > len(self._free):
+        if missing > self.num_free_blocks:
             raise RuntimeError(f"out of KV blocks for {request.request_id}")
-        for _ in range(missing):
-            block_id = next(iter(self._free))
-            self._take(block_id)
-            request.block_ids.append(block_id)
+        if self._stack is not None:
+            if missing:
+                request.block_ids.extend(self._stack[-missing:])
+                del self._stack[-missing:]
+            return
+        free, blocks, ids = self._free, self.blocks, request.block_ids
+        for _ in range(missing):  # hot: a long prompt takes hundreds of blocks at once
+            block_id = free.popitem(last=False)[0]
+            block = blocks[block_id]
+            if block.block_hash is not None:
+                self._evict(block)
+            block.ref_count = 1
+            ids.append(block_id)
 
     def cache_full_blocks(self, request: Request) -> None:
         """Register the hashes of blocks whose tokens are now all computed."""
@@ -140,13 +153,19 @@ class BlockManager:
 
     # ---- release -----------------------------------------------------------------------
     def free(self, request: Request) -> None:
+        if self._stack is not None:
+            self._stack.extend(reversed(request.block_ids))
+            request.block_ids = []
+            return
         # Free the tail first so the shared prefix is the last to be evicted.
+        free, blocks = self._free, self.blocks
         for block_id in reversed(request.block_ids):
-            block = self.blocks[block_id]
+            block = blocks[block_id]
             block.ref_count -= 1
-            assert block.ref_count >= 0, f"double free of block {block_id}"
             if block.ref_count == 0:
-                self._free[block_id] = None
+                free[block_id] = None
+            elif block.ref_count < 0:
+                raise AssertionError(f"double free of block {block_id}")
         request.block_ids = []
         self._hashes.pop(request.request_id, None)
 

@@ -74,17 +74,24 @@ class LatencyModel:
     def prefill_time(self, tokens: int) -> float:
         return _interp(self.prefill_tokens, self.prefill_s, tokens)
 
+    def decode_step_time(self, batch: int, total_context: int) -> float:
+        """A decode-only step of `batch` requests attending to `total_context` tokens."""
+        extra = total_context - batch * self.decode_context
+        return self.decode_time(batch) + self.context_s_per_token * extra
+
     def step_time(self, plan: Plan) -> float:
         """A decode-only step costs l(b); once prompt tokens ride along, the step costs a
         prefill of all its tokens (each decode row counts as one more token)."""
-        decodes = extra_context = 0
+        decodes = context = 0
         for c in plan.chunks:
             if c.is_decode:
                 decodes += 1
-                extra_context += c.start + 1 - self.decode_context
+                context += c.start + 1
         tokens = plan.num_batched_tokens
-        base = self.decode_time(decodes) if tokens == decodes else self.prefill_time(tokens)
-        return base + self.context_s_per_token * extra_context
+        if tokens == decodes:
+            return self.decode_step_time(decodes, context)
+        extra = context - decodes * self.decode_context
+        return self.prefill_time(tokens) + self.context_s_per_token * extra
 
 
 @dataclass(frozen=True)
@@ -152,7 +159,15 @@ class RooflineModel:
     def prefill_time(self, tokens: int) -> float:
         return self._time(tokens, tokens, self._attention_flops(tokens, tokens / 2))
 
+    def decode_step_time(self, batch: int, total_context: int) -> float:
+        """A decode-only step of `batch` requests attending to `total_context` tokens."""
+        flops = self._attention_flops(1, total_context - batch / 2)
+        return self._time(batch, total_context, flops)
+
     def step_time(self, plan: Plan) -> float:
+        if all(c.is_decode for c in plan.chunks):
+            context = sum(c.start + 1 for c in plan.chunks)
+            return self.decode_step_time(len(plan.chunks), context)
         tokens = kv = 0
         flops = 0.0
         for c in plan.chunks:

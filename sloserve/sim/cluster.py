@@ -17,6 +17,7 @@ from sloserve.core.kv_blocks import BlockManager
 from sloserve.core.plan import Plan
 from sloserve.core.scheduler import Scheduler, SchedulerConfig
 from sloserve.request import Request, SamplingParams
+from sloserve.sim.fastforward import fast_forward, steady_steps
 
 SAMPLED_TOKEN = 1  # the simulator "samples" this token; requests stop by length
 IDLE_TICK_S = 1e-3  # how far an instance whose policy held everything back skips ahead
@@ -41,12 +42,13 @@ class InstanceConfig:
 
 class SimInstance:
     def __init__(self, scheduler: SchedulerConfig, config: InstanceConfig, latency,
-                 on_plan: Callable[[Plan], None] | None = None):
+                 on_plan: Callable[[Plan], None] | None = None, fast_forward: bool = True):
         blocks = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(scheduler, blocks)
         self.latency = latency
         self.clock = 0.0  # when this instance can start its next step
         self.on_plan = on_plan
+        self.fast_forward = fast_forward and on_plan is None  # a plan log wants every step
 
     def add(self, request: Request) -> None:
         self.scheduler.add(request)
@@ -60,7 +62,15 @@ class SimInstance:
         return self.scheduler.num_unfinished
 
     def step(self, next_arrival: float) -> list[Request]:
-        """One step at self.clock; returns the requests that got a token."""
+        """One step at self.clock (or a run of identical decode steps); returns the requests
+        that got a token and may have finished."""
+        steady = steady_steps(self.scheduler) if self.fast_forward else 0
+        if steady:
+            clock = fast_forward(self.scheduler, self.latency, self.clock, next_arrival, steady,
+                                 SAMPLED_TOKEN)
+            if clock != self.clock:
+                self.clock = clock
+                return []
         plan = self.scheduler.schedule(self.clock)
         if plan.is_empty:  # the policy is holding work back (delay): let time pass
             self.clock = min(next_arrival, self.clock + IDLE_TICK_S)

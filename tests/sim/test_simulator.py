@@ -83,6 +83,23 @@ def test_engine_and_simulator_make_identical_plans(policy, budget):
     assert engine_plans(config, requests, 40) == log
 
 
+@pytest.mark.parametrize("policy", ["fcfs", "chunked", "edf"])
+def test_fast_forward_changes_nothing_but_speed(policy):
+    config = SchedulerConfig(max_num_batched_tokens=256, max_model_len=2048, policy=policy)
+    requests = [RequestSpec(i, 30 + 7 * i, 40 + 13 * i % 50, "c", SLO(ttft_ms=500, tpot_ms=40),
+                            arrival=0.4 * i) for i in range(30)]
+    results = []
+    for fast in (False, True):
+        instance = SimInstance(config, InstanceConfig(60, 16), LATENCY, fast_forward=fast)
+        results.append(Cluster([instance]).run(requests))
+    (slow, slow_end), (fast, fast_end) = results
+    assert fast_end == pytest.approx(slow_end)
+    for a, b in zip(slow, fast):
+        assert (a.output_tokens, a.slo_class) == (b.output_tokens, b.slo_class)
+        for field in ("ttft_ms", "tpot_ms", "e2e_ms", "queue_ms"):
+            assert getattr(b, field) == pytest.approx(getattr(a, field), rel=1e-9, abs=1e-6)
+
+
 def test_sim_and_core_import_without_torch():
     code = ("import sys, sloserve.sim, sloserve.core, sloserve.sim.command; "
             "print('torch' in sys.modules)")
@@ -108,9 +125,8 @@ def sloserve(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_sim_cli_sweep_and_goodput_search(tmp_path):
-    done = sloserve("sim", "--workload", "edge", "--num-requests", "40", "--gpu", "h100",
-                    "--policy", "slice", "--goodput-search", "--request-rate", "2",
-                    "--out", str(tmp_path / "search"))
+    done = sloserve("sim", "--workload", "edge", "--num-requests", "60", "--policy", "slice",
+                    "--goodput-search", "--request-rate", "1", "--out", str(tmp_path / "search"))
     assert done.returncode == 0, done.stderr
     summary = json.loads((tmp_path / "search" / "summary.json").read_text())
     best = summary["max_rate_meeting_target"]

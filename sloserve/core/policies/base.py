@@ -42,6 +42,9 @@ class Policy:
     """Defaults give first-come-first-served with vLLM's recompute preemption."""
 
     name: ClassVar[str] = "base"
+    # True when, with nothing waiting, every running request decodes every step whatever the
+    # clock says: the simulator may then fast-forward runs of identical decode steps.
+    steady_decode: ClassVar[bool] = True
 
     def prepare(self, scheduler: Scheduler, now: float) -> None:
         """Called at the start of every schedule(), for policies that plan per step."""

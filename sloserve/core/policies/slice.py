@@ -44,6 +44,7 @@ def mask_columns(tokens_per_cycle: int, num_columns: int) -> frozenset[int]:
 
 @register("slice")
 class SlicePolicy(Policy):
+    steady_decode = False  # the mask decodes different rows each step
     def __init__(self, realtime_utility: float = 10.0, utility: float = 1.0,
                  period_ms: float = 1000.0, ratio: float = 0.9,
                  best_effort_tpot_ms: float = 250.0,
