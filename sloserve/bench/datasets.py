@@ -102,7 +102,8 @@ def tokenizer():
     """SmolLM2's tokenizer (tokenizers library, no torch)."""
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(DATA / "tokenizer" / "smollm2-135m-instruct.json"))
+    path = Path(__file__).parent.parent / "model" / "tokenizer" / "tokenizer.json"
+    return Tokenizer.from_file(str(path))
 
 
 def count_tokens(text: str) -> int:

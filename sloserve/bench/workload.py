@@ -148,8 +148,11 @@ def _text_requests(spec: WorkloadSpec, n: int, rng: random.Random) -> list[Reque
                                    chat=spec.chat))
         if len(out) == n:
             return out
+    if not out:
+        raise ValueError(f"workload {spec.name}: no prompt fits max_input_tokens")
+    base = len(out)
     while len(out) < n:  # a small set is reused in the same shuffled order
-        again = out[len(out) % len(pool)]
+        again = out[len(out) % base]
         out.append(RequestSpec(len(out), again.prompt_len, again.max_tokens, "", SLO(),
                                text=again.text, chat=spec.chat))
     return out

@@ -80,18 +80,21 @@ class LatencyModel:
         return self.decode_time(batch) + self.context_s_per_token * extra
 
     def step_time(self, plan: Plan) -> float:
-        """A decode-only step costs l(b); once prompt tokens ride along, the step costs a
-        prefill of all its tokens (each decode row counts as one more token)."""
+        """A decode-only step costs l(b) plus its context beyond the profile's. Prompt tokens
+        add what a prefill of them costs beyond the fixed cost of any step (about l(1): one
+        pass over the weights), which decode rows already paid."""
         decodes = context = 0
         for c in plan.chunks:
             if c.is_decode:
                 decodes += 1
                 context += c.start + 1
-        tokens = plan.num_batched_tokens
-        if tokens == decodes:
-            return self.decode_step_time(decodes, context)
-        extra = context - decodes * self.decode_context
-        return self.prefill_time(tokens) + self.context_s_per_token * extra
+        prompt_tokens = plan.num_batched_tokens - decodes
+        if not decodes:
+            return self.prefill_time(prompt_tokens)
+        time = self.decode_step_time(decodes, context)
+        if prompt_tokens:
+            time += max(0.0, self.prefill_time(prompt_tokens) - self.decode_time(1))
+        return time
 
 
 @dataclass(frozen=True)

