@@ -136,18 +136,35 @@ def _paper_comparison(results) -> list[str]:
     lines = ["## Against the SLICE paper", "",
              "SLICE reports up to 35x higher SLO attainment than Orca- and FastServe-style "
              "schedulers on edge devices. Here, the largest ratio of slice's attainment to "
-             "fcfs's (the Orca/vLLM-style baseline) at any simulated rate:", ""]
+             "fcfs's (the Orca/vLLM-style baseline) at any simulated rate, overall and for the "
+             "real-time class:", ""]
     for (name, machine), runs in results.items():
         by = {r.label: r for r in runs}
-        ratios = [(by["slice"].summaries[x]["slo_attainment"]
-                   / max(by["fcfs"].summaries[x]["slo_attainment"], 1e-3), x)
-                  for x in by["fcfs"].summaries]
-        best, rate = max(ratios)
-        lines.append(f"- {name} on {machine}: {best:.1f}x at {rate:g} req/s")
-    lines += ["", "Ratios that large need a baseline near 0% attainment; ours stays higher "
-              "because fcfs still serves everyone at one shared pace, and the cap on ratios "
-              "here is set by how far past capacity the sweep goes (3x).", ""]
+        line = f"- {name} on {machine}: overall " + _best_ratio(by, lambda s: s["slo_attainment"])
+        if "realtime" in by["fcfs"].summaries[min(by["fcfs"].summaries)]["per_class"]:
+            line += "; real-time class " + _best_ratio(
+                by, lambda s: s["per_class"]["realtime"]["slo_attainment"])
+        lines.append(line)
+    lines += ["", "The paper's largest ratios come where the baseline is near 0% attainment. "
+              "Overall attainment here moves less because fcfs keeps serving the looser "
+              "classes; the real-time class is where slice's selection and rate control show. "
+              "LongBench-like prompts (5k-24k tokens) on the 2-core CPU miss their 15 s TTFT "
+              "for about half the requests at any rate: their prefill alone takes longer, so no "
+              "policy can help there.", ""]
     return lines
+
+
+def _best_ratio(by: dict, metric) -> str:
+    """The rate where slice gains most over fcfs, as a ratio (or 0% -> x% when fcfs has 0%)."""
+    def gain(x: float) -> tuple[float, float]:
+        ours, base = metric(by["slice"].summaries[x]), metric(by["fcfs"].summaries[x])
+        return (ours / base if base else float("inf") if ours else 1.0), ours
+
+    x = max(by["fcfs"].summaries, key=gain)
+    ratio, ours = gain(x)
+    base = metric(by["fcfs"].summaries[x])
+    shown = f"{ratio:.1f}x" if base else f"from 0% to {100 * ours:.0f}%"
+    return f"{shown} at {x:g} req/s (fcfs {100 * base:.0f}%, slice {100 * ours:.0f}%)"
 
 
 def main() -> None:

@@ -69,6 +69,11 @@ class ModelConfig:
 _LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
+_LLAMA3_8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096,
+                  intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
+                  max_position_embeddings=8192, eos_token_id=128009)
+
 # Real shapes, for `dummy:NAME` (random weights: speed does not depend on them).
 NAMED_SHAPES: dict[str, dict[str, Any]] = {
     "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576,
@@ -76,15 +81,9 @@ NAMED_SHAPES: dict[str, dict[str, Any]] = {
                          num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0,
                          max_position_embeddings=8192, tie_word_embeddings=True,
                          eos_token_id=2),
-    "llama-3-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096,
-                       intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
-                       max_position_embeddings=8192, eos_token_id=128009),
-    "llama-3.1-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096,
-                         intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
-                         rope_scaling=_LLAMA3_ROPE, max_position_embeddings=131072,
-                         eos_token_id=128009),
+    "llama-3-8b": _LLAMA3_8B,
+    "llama-3.1-8b": {**_LLAMA3_8B, "rope_scaling": _LLAMA3_ROPE,
+                     "max_position_embeddings": 131072},
     "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584,
                        intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                        num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=1000000.0,
