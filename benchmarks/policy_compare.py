@@ -38,7 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--policies", default="fcfs,delay,chunked,edf,slice")
     parser.add_argument("--num-requests", type=int, default=60)
-    parser.add_argument("--request-rate", type=float, default=5.0)
+    parser.add_argument("--request-rate", type=float, default=8.0)
     parser.add_argument("--realtime-share", type=float, default=0.3)
     parser.add_argument("--slo-scale", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
