@@ -49,8 +49,26 @@ def _prefill_time(engine: LLMEngine, prompts: _Prompts, tokens: int, repeats: in
     return statistics.median(times)
 
 
+def _prompt_token_cost(engine: LLMEngine, prompts: _Prompts, batch: int, context: int,
+                       prompt_tokens: int, decode_s: float, repeats: int = 3) -> float:
+    """Seconds a prompt token adds to a step that also decodes `batch` requests."""
+    params = SamplingParams(max_tokens=2 * repeats + 4, ignore_eos=True, temperature=0)
+    requests = [engine.add_request(prompts(context), params) for _ in range(batch)]
+    while any(r.num_output_tokens == 0 for r in requests):
+        engine.step()
+    times = []
+    for _ in range(repeats):
+        engine.add_request(prompts(prompt_tokens), SamplingParams(max_tokens=1))
+        start = time.perf_counter()
+        engine.step()  # the decodes and the whole prompt, in one step
+        times.append(time.perf_counter() - start)
+    for r in requests:
+        engine.abort(r.request_id)
+    return max(0.0, statistics.median(times) - decode_s) / prompt_tokens
+
+
 def profile(engine: LLMEngine, batch_sizes: list[int], prefill_tokens: list[int],
-            context: int = 128, steps: int = 6) -> LatencyModel:
+            context: int = 128, steps: int = 6, mixed_prompt_tokens: int = 64) -> LatencyModel:
     prompts = _Prompts(engine.model_config.vocab_size)
     _decode_step_time(engine, prompts, 2, 16, 2)  # warm-up
     decode = [_decode_step_time(engine, prompts, b, context, steps) for b in batch_sizes]
@@ -59,5 +77,9 @@ def profile(engine: LLMEngine, batch_sizes: list[int], prefill_tokens: list[int]
     slope = (_decode_step_time(engine, prompts, probe, long_context, steps)
              - decode[len(batch_sizes) // 2]) / (probe * (long_context - context))
     prefill = [_prefill_time(engine, prompts, n, 3) for n in prefill_tokens]
+    mixed_batch = batch_sizes[::2]
+    mixed = [_prompt_token_cost(engine, prompts, b, context, mixed_prompt_tokens,
+                                decode[batch_sizes.index(b)]) for b in mixed_batch]
     return LatencyModel(tuple(batch_sizes), tuple(decode), tuple(prefill_tokens), tuple(prefill),
-                        context, max(slope, 0.0), source=f"sloserve profile, {engine.model_name}")
+                        context, max(slope, 0.0), tuple(mixed_batch), tuple(mixed),
+                        source=f"sloserve profile, {engine.model_name}")

@@ -28,11 +28,22 @@ def _interp(xs: tuple[float, ...], ys: tuple[float, ...], x: float) -> float:
     return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
 
 
+def _clamped(xs: tuple[float, ...], ys: tuple[float, ...], x: float) -> float:
+    """Piecewise-linear inside the points, flat beyond them."""
+    if x <= xs[0]:
+        return ys[0]
+    if x >= xs[-1]:
+        return ys[-1]
+    i = bisect.bisect_left(xs, x)
+    return ys[i - 1] + (ys[i] - ys[i - 1]) * (x - xs[i - 1]) / (xs[i] - xs[i - 1])
+
+
 @dataclass(frozen=True)
 class LatencyModel:
     """decode_s[i]: seconds of a step decoding decode_batch[i] requests at `decode_context`
     tokens of context each; prefill_s[i]: seconds of a step prefilling prefill_tokens[i]
-    tokens; context_s_per_token: extra decode time per token of context beyond that."""
+    tokens; context_s_per_token: extra decode time per token of context beyond that;
+    mixed_s_per_token[i]: seconds a prompt token adds to a step decoding mixed_batch[i]."""
 
     decode_batch: tuple[int, ...]
     decode_s: tuple[float, ...]
@@ -40,6 +51,8 @@ class LatencyModel:
     prefill_s: tuple[float, ...]
     decode_context: int = 128
     context_s_per_token: float = 0.0
+    mixed_batch: tuple[int, ...] = ()  # decode batch sizes of the mixed-step measurements
+    mixed_s_per_token: tuple[float, ...] = ()  # what a prompt token adds to such a step
     source: str = ""
 
     @classmethod
@@ -49,11 +62,14 @@ class LatencyModel:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "") -> LatencyModel:
+        mixed = data.get("mixed", {})
         try:
             return cls(tuple(data["decode"]["batch_sizes"]), tuple(data["decode"]["seconds"]),
                        tuple(data["prefill"]["tokens"]), tuple(data["prefill"]["seconds"]),
                        data["decode"].get("context", 128),
-                       data["decode"].get("context_s_per_token", 0.0), source)
+                       data["decode"].get("context_s_per_token", 0.0),
+                       tuple(mixed.get("batch_sizes", ())),
+                       tuple(mixed.get("s_per_prompt_token", ())), source)
         except (KeyError, TypeError) as e:
             raise ValueError(f"latency profile {source or ''} is malformed: missing {e}") from None
 
@@ -65,7 +81,9 @@ class LatencyModel:
         return {"decode": {"batch_sizes": list(self.decode_batch), "seconds": list(self.decode_s),
                            "context": self.decode_context,
                            "context_s_per_token": self.context_s_per_token},
-                "prefill": {"tokens": list(self.prefill_tokens), "seconds": list(self.prefill_s)}}
+                "prefill": {"tokens": list(self.prefill_tokens), "seconds": list(self.prefill_s)},
+                "mixed": {"batch_sizes": list(self.mixed_batch),
+                          "s_per_prompt_token": list(self.mixed_s_per_token)}}
 
     def decode_time(self, batch: int) -> float:
         """l(b): one decode step of `batch` requests at the profile's context length."""
@@ -92,7 +110,9 @@ class LatencyModel:
         if not decodes:
             return self.prefill_time(prompt_tokens)
         time = self.decode_step_time(decodes, context)
-        if prompt_tokens:
+        if prompt_tokens and self.mixed_batch:  # measured: what a prompt token adds here
+            time += prompt_tokens * _clamped(self.mixed_batch, self.mixed_s_per_token, decodes)
+        elif prompt_tokens:
             time += max(0.0, self.prefill_time(prompt_tokens) - self.decode_time(1))
         return time
 

@@ -24,6 +24,16 @@ def test_interpolates_through_the_profile_and_prices_a_mixed_step():
     assert model.step_time(Plan(0.0, plan.chunks[1:])) == pytest.approx(0.05)
 
 
+def test_measured_mixed_steps_price_prompt_tokens_by_batch():
+    model = LatencyModel((1, 4), (0.010, 0.016), (100,), (0.05,), decode_context=8,
+                         mixed_batch=(1, 4), mixed_s_per_token=(0.001, 0.002))
+    decode = make_request("d", 8)
+    prompt = make_request("p", 100)
+    plan = Plan(0.0, [ScheduledChunk(decode, 8, 1, True), ScheduledChunk(prompt, 0, 100, True)])
+    assert model.step_time(plan) == pytest.approx(0.010 + 100 * 0.001)
+    assert LatencyModel.from_dict(model.to_dict()) == model
+
+
 def test_shipped_profile_loads_and_grows_with_batch():
     model = LatencyModel.default()
     times = [model.decode_time(b) for b in (1, 8, 32)]
