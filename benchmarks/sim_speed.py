@@ -1,7 +1,8 @@
 """Simulator speed: 100,000 requests of the Mooncake conversation trace through one instance.
 
-One simulated H200 serving Llama-3-8B (analytic roofline), chunked prefill (8,192-token steps), the trace's own arrivals
-(repeated in laps to reach the count) stretched so that one instance keeps up. Prints the
+One simulated H200 serving Llama-3-8B (analytic roofline), chunked prefill (8,192-token
+steps), the trace's own arrivals (repeated in laps to reach the count) stretched so that one
+instance keeps up. Prints the
 wall time; target: under 60 s on this machine.
 """
 
@@ -42,7 +43,8 @@ def main() -> None:
           f"p90 TTFT {s['ttft_ms']['p90']:.0f} ms, p90 TPOT {s['tpot_ms']['p90']:.0f} ms")
     save("sim_speed", {"num_requests": len(records), "simulated_s": round(duration, 1),
                        "wall_s": round(wall, 2), "completed": s["completed"],
-                       "deployment": f"1x H200 roofline, Llama-3-8B shape, {args.policy}", "time_scale": args.time_scale})
+                       "deployment": f"1x H200 roofline, Llama-3-8B shape, {args.policy}",
+                       "time_scale": args.time_scale})
 
 
 if __name__ == "__main__":

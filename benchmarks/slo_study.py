@@ -10,7 +10,6 @@ measured profile). Writes docs/slo-study.md and its plots. One command:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import tempfile
 import time

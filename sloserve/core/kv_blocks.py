@@ -96,7 +96,7 @@ class BlockManager:
         assert not request.block_ids, f"{request.request_id} already holds blocks"
         hits = self._prefix_hits(request)
         for block_id in hits:
-            self._take(block_id, revive=True)
+            self._revive(block_id)
         request.block_ids = list(hits)
         cached_tokens = len(hits) * self.block_size
         request.num_computed_tokens = cached_tokens
@@ -169,13 +169,11 @@ class BlockManager:
         request.block_ids = []
         self._hashes.pop(request.request_id, None)
 
-    def _take(self, block_id: int, revive: bool = False) -> None:
-        """Hold a block; a fresh one (not a prefix hit) loses the content it cached."""
+    def _revive(self, block_id: int) -> None:
+        """Hold a prefix-hit block, taking it off the free list if nobody held it."""
         block = self.blocks[block_id]
         if block.ref_count == 0:
             del self._free[block_id]
-            if block.block_hash is not None and not revive:
-                self._evict(block)
         block.ref_count += 1
 
     def _evict(self, block: Block) -> None:

@@ -115,7 +115,7 @@ class Scheduler:
             if n <= 0 or not self._make_room(request, n, scheduled, plan, now):
                 continue
             self.blocks.append(request, n)
-            self._add_chunk(plan, request, n, now)
+            self._add_chunk(plan, request, n)
             scheduled.add(request.request_id)
             budget -= n
         return budget
@@ -146,7 +146,7 @@ class Scheduler:
                 break
             self.blocks.allocate(request, n)
             admitted.append(request)
-            self._add_chunk(plan, request, n, now)
+            self._add_chunk(plan, request, n)
             budget -= n
         for request in admitted:
             (self.preempted if request.status == RequestStatus.PREEMPTED
@@ -156,7 +156,7 @@ class Scheduler:
                 request.first_scheduled_time = now
             self.running.append(request)
 
-    def _add_chunk(self, plan: Plan, request: Request, n: int, now: float) -> None:
+    def _add_chunk(self, plan: Plan, request: Request, n: int) -> None:
         start = request.num_computed_tokens
         plan.chunks.append(ScheduledChunk(request, start, n, start + n == request.num_tokens))
 

@@ -19,7 +19,8 @@ PACKED_MAX_ROWS = 256  # above this (prefill) plain sgemm is as fast
 
 
 def mkl_packing_available() -> bool:
-    return hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight") and torch.backends.mkl.is_available()
+    return (hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
+            and torch.backends.mkl.is_available())
 
 
 class PackedLinear(nn.Linear):

@@ -43,7 +43,7 @@ def test_preempted_resume_before_new_ones_in_preemption_order(policy):
     scheduler = make_scheduler(num_blocks=9, block_size=4, policy=policy, prefix_caching=False)
     for i, name in enumerate("ABC"):
         scheduler.add(make_request(name, 8, max_tokens=20, arrival=float(i)))
-    preempted, resumed, now = [], [], 0.0
+    preempted, now = [], 0.0
     while len(preempted) < 2:
         plan = run_step(scheduler, now)
         preempted += plan.preempted

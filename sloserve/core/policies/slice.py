@@ -35,9 +35,13 @@ MAX_MISSES = 32
 
 def cycle_time(rates: Sequence[float], latency: LatencyModel) -> float:
     """Seconds of decoding per second of wall time for tasks at `rates` (tokens/s)."""
-    ordered = sorted(rates, reverse=True)
-    steps = [latency.decode_time(b) for b in range(len(ordered) + 1)]
-    return sum(rate * (steps[b] - steps[b - 1]) for b, rate in enumerate(ordered, start=1))
+    return _busy(sorted(rates, reverse=True),
+                 [latency.decode_time(b) for b in range(len(rates) + 1)])
+
+
+def _busy(rates_descending: Sequence[float], steps: Sequence[float]) -> float:
+    """sum_j v_j (l(j) - l(j-1)), with steps[b] = l(b)."""
+    return sum(v * (steps[b] - steps[b - 1]) for b, v in enumerate(rates_descending, start=1))
 
 
 def mask_columns(tokens_per_cycle: int, num_columns: int) -> frozenset[int]:
@@ -110,8 +114,7 @@ class SlicePolicy(Policy):
                 break
             trial = rates.copy()
             bisect.insort(trial, self.rate(request), key=lambda v: -v)
-            busy = sum(v * (steps[b] - steps[b - 1]) for b, v in enumerate(trial, start=1))
-            if busy <= self.ratio or not chosen:
+            if _busy(trial, steps) <= self.ratio or not chosen:
                 chosen.append(request)
                 rates, misses = trial, 0
             else:
