@@ -19,7 +19,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-kv-blocks", type=int, default=None)
-    p.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
+    p.add_argument("--kv-cache-memory-gb", type=float, default=1.0,
+                   help="KV cache size on the CPU")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="on a GPU: share of its memory for weights, KV cache and activations")
+    p.add_argument("--attention-backend", choices=["auto", "torch", "triton"], default="auto")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -72,6 +77,9 @@ def engine_config(args: argparse.Namespace):
     return EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
                         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
                         kv_cache_memory_gb=args.kv_cache_memory_gb,
+                        gpu_memory_utilization=args.gpu_memory_utilization,
+                        attention_backend=args.attention_backend,
+                        enforce_eager=args.enforce_eager,
                         max_model_len=args.max_model_len,
                         enable_prefix_caching=not args.no_prefix_caching, scheduler=scheduler)
 

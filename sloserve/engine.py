@@ -15,6 +15,7 @@ from sloserve.core.kv_blocks import BlockManager
 from sloserve.core.scheduler import Scheduler, SchedulerConfig
 from sloserve.detokenizer import IncrementalDetokenizer
 from sloserve.model import loader
+from sloserve.model.gpu_memory import kv_blocks_for_gpu
 from sloserve.request import SLO, Request, RequestStatus, SamplingParams
 from sloserve.runner import ModelRunner
 
@@ -27,8 +28,11 @@ class EngineConfig:
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on GPU
     device: str = "auto"  # auto: cuda when available
     block_size: int = 16  # tokens per KV block
-    num_kv_blocks: int | None = None  # None: from kv_cache_memory_gb
+    num_kv_blocks: int | None = None  # None: from the memory settings below
     kv_cache_memory_gb: float = 1.0  # KV cache size on CPU when num_kv_blocks is None
+    gpu_memory_utilization: float = 0.9  # on GPU: share of its memory for weights + KV + steps
+    attention_backend: str = "auto"  # auto: Triton kernels on CUDA, pure torch elsewhere
+    enforce_eager: bool = False  # on CUDA: no graphs for decode steps
     max_model_len: int | None = None  # None: the model's own context
     enable_prefix_caching: bool = True
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -79,23 +83,30 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         loaded = loader.load(config.model, config.torch_dtype, config.torch_device,
-                             config.block_size)
+                             config.block_size, config.attention_backend)
         self.model_name, self.model_config, self.tokenizer = (
             loaded.name, loaded.config, loaded.tokenizer)
         self.max_model_len = min(config.max_model_len or loaded.config.max_position_embeddings,
                                  loaded.config.max_position_embeddings)
-        num_blocks = config.num_kv_blocks or self._blocks_from_memory()
+        num_blocks = config.num_kv_blocks or self._blocks_from_memory(loaded.model)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         scheduler_config = dataclasses.replace(config.scheduler, max_model_len=self.max_model_len)
         self.scheduler = Scheduler(scheduler_config, self.blocks)
-        self.runner = ModelRunner(loaded.model, num_blocks, config.block_size)
+        graphs = (config.torch_device.type == "cuda" and not config.enforce_eager
+                  and config.attention_backend != "torch")
+        self.runner = ModelRunner(loaded.model, num_blocks, config.block_size,
+                                  cuda_graph_max_batch=scheduler_config.max_num_seqs * graphs)
         self.eos_token_id = self._eos_token_id()
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
         self.clock: Callable[[], float] = time.monotonic
         self.last_step_time = 0.0
 
-    def _blocks_from_memory(self) -> int:
+    def _blocks_from_memory(self, model: torch.nn.Module) -> int:
+        if self.config.torch_device.type == "cuda":
+            s = self.config.scheduler
+            return kv_blocks_for_gpu(model, self.config.block_size, s.max_num_batched_tokens,
+                                     s.max_num_seqs, self.config.gpu_memory_utilization)
         per_token = self.model_config.kv_bytes_per_token(self.config.torch_dtype.itemsize)
         tokens = int(self.config.kv_cache_memory_gb * 2**30) // per_token
         return max(1, tokens // self.config.block_size)

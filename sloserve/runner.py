@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from sloserve.core.plan import Plan, ScheduledChunk
@@ -10,8 +12,22 @@ from sloserve.model.decoder import DecoderLM
 from sloserve.model.sampler import Sampler
 
 
+@dataclass
+class StepInputs:
+    """Host-side lists of one step, decodes first."""
+
+    input_ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    seq_lens: list[int]
+    query_lens: list[int]
+    tables: list[list[int]]
+    num_decodes: int
+
+
 class ModelRunner:
-    def __init__(self, model: DecoderLM, num_blocks: int, block_size: int):
+    def __init__(self, model: DecoderLM, num_blocks: int, block_size: int,
+                 cuda_graph_max_batch: int = 0):
         self.model = model
         self.block_size = block_size
         param = next(model.parameters())
@@ -21,6 +37,11 @@ class ModelRunner:
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                           for _ in range(c.num_layers)]
         self.sampler = Sampler(self.device)
+        self.graphs = None
+        if cuda_graph_max_batch and self.device.type == "cuda":
+            from sloserve.model.cuda_graphs import DecodeGraphs
+            max_blocks = -(-c.max_position_embeddings // block_size)
+            self.graphs = DecodeGraphs(model, self.kv_caches, cuda_graph_max_batch, max_blocks)
 
     def execute(self, plan: Plan) -> dict[str, int]:
         """Run one step; returns the sampled token of every chunk that samples."""
@@ -29,56 +50,60 @@ class ModelRunner:
         decodes = [c for c in plan.chunks if c.num_tokens == 1]
         prefills = [c for c in plan.chunks if c.num_tokens > 1]
         chunks = decodes + prefills
-        input_ids, positions, meta = self._prepare(decodes, prefills)
-        ends = torch.tensor([c.num_tokens for c in chunks]).cumsum(0) - 1
+        step = self._step_inputs(decodes, prefills)
         sampling = [i for i, c in enumerate(chunks) if c.sample]
+        if self.graphs is not None and not prefills and self.graphs.fits(len(decodes)):
+            logits = self.graphs.run(step)[sampling]
+        else:
+            ends = torch.tensor(step.query_lens).cumsum(0) - 1
+            logits = self._forward(step, ends[sampling].to(self.device))
         if not sampling:
-            self.model(input_ids, positions, self.kv_caches, meta, ends[:0].to(self.device))
             return {}
-        logits_indices = ends[sampling].to(self.device)
-        logits = self.model(input_ids, positions, self.kv_caches, meta, logits_indices)
         requests = [chunks[i].request for i in sampling]
         tokens = self.sampler(logits, requests)
         return {r.request_id: t for r, t in zip(requests, tokens)}
 
-    def _prepare(self, decodes: list[ScheduledChunk], prefills: list[ScheduledChunk]
-                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        ids: list[int] = [c.request.token_id_at(c.start) for c in decodes]
-        pos: list[int] = [c.start for c in decodes]
-        for c in prefills:
-            ids.extend(c.request.all_token_ids[c.start:c.start + c.num_tokens])
-            pos.extend(range(c.start, c.start + c.num_tokens))
-        positions = torch.tensor(pos, dtype=torch.long)
-        tables = [torch.tensor(c.request.block_ids, dtype=torch.long) for c in decodes + prefills]
-        slots = torch.cat([table[p // self.block_size] * self.block_size + p % self.block_size
-                           for table, p in zip(tables, self._positions_per_chunk(
-                               positions, decodes, prefills))])
-        prefill_meta, q_start = [], len(decodes)
-        for c, table in zip(prefills, tables[len(decodes):]):
-            prefill_meta.append((q_start, c.num_tokens, c.start, table.to(self.device)))
-            q_start += c.num_tokens
-        meta = AttentionMetadata(
-            slot_mapping=slots.to(self.device),
-            num_decodes=len(decodes),
-            decode_block_tables=_pad(tables[:len(decodes)]).to(self.device),
-            decode_context_lens=torch.tensor([c.start + 1 for c in decodes],
-                                             device=self.device),
-            prefills=prefill_meta,
-        )
+    def _forward(self, step: StepInputs, logits_indices: torch.Tensor) -> torch.Tensor:
         to = self.device
-        return torch.tensor(ids, dtype=torch.long).to(to), positions.to(to), meta
+        i32 = dict(dtype=torch.int32, device=to)
+        query_start = [0]
+        for n in step.query_lens:
+            query_start.append(query_start[-1] + n)
+        prefills = [(query_start[i], step.query_lens[i], step.seq_lens[i] - step.query_lens[i])
+                    for i in range(step.num_decodes, len(step.query_lens))]
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(step.slots, **i32),
+            query_start_loc=torch.tensor(query_start, **i32),
+            seq_lens=torch.tensor(step.seq_lens, **i32),
+            block_tables=pad_tables(step.tables).to(to),
+            num_decodes=step.num_decodes, max_query_len=max(step.query_lens),
+            prefills=prefills)
+        return self.model(torch.tensor(step.input_ids, dtype=torch.long, device=to),
+                          torch.tensor(step.positions, dtype=torch.long, device=to),
+                          self.kv_caches, meta, logits_indices)
 
-    @staticmethod
-    def _positions_per_chunk(positions: torch.Tensor, decodes: list[ScheduledChunk],
-                             prefills: list[ScheduledChunk]) -> list[torch.Tensor]:
-        sizes = [1] * len(decodes) + [c.num_tokens for c in prefills]
-        return list(positions.split(sizes))
+    def _step_inputs(self, decodes: list[ScheduledChunk],
+                     prefills: list[ScheduledChunk]) -> StepInputs:
+        bs = self.block_size
+        step = StepInputs([], [], [], [], [], [], len(decodes))
+        for c in decodes + prefills:
+            table = c.request.block_ids
+            end = c.start + c.num_tokens
+            if c.num_tokens == 1:
+                step.input_ids.append(c.request.token_id_at(c.start))
+            else:
+                step.input_ids.extend(c.request.all_token_ids[c.start:end])
+            step.positions.extend(range(c.start, end))
+            step.slots.extend(table[p // bs] * bs + p % bs for p in range(c.start, end))
+            step.seq_lens.append(end)
+            step.query_lens.append(c.num_tokens)
+            step.tables.append(table)
+        return step
 
     def release(self, request_id: str) -> None:
         self.sampler.release(request_id)
 
 
-def _pad(tables: list[torch.Tensor]) -> torch.Tensor:
-    if not tables:
-        return torch.zeros((0, 1), dtype=torch.long)
-    return torch.nn.utils.rnn.pad_sequence(tables, batch_first=True)
+def pad_tables(tables: list[list[int]]) -> torch.Tensor:
+    width = max((len(t) for t in tables), default=1)
+    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)

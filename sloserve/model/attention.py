@@ -7,6 +7,7 @@ then each prefill chunk. The cache of one layer is [2, num_blocks, block_size, k
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -14,16 +15,25 @@ import torch.nn.functional as F
 
 @dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [T] cache slot of each new token: block * block_size + offset
-    num_decodes: int  # the first num_decodes tokens are single-token decodes
-    decode_block_tables: torch.Tensor  # [num_decodes, max_blocks], padded with 0
-    decode_context_lens: torch.Tensor  # [num_decodes] tokens each decode attends to
-    prefills: list[tuple[int, int, int, torch.Tensor]]  # (query start, query len, start pos,
-    #                                                      block table) per prefill chunk
+    """One row per sequence of the step, decodes first. Index tensors are int32."""
+
+    slot_mapping: torch.Tensor  # [T] cache slot of each new token (block * block_size + offset)
+    query_start_loc: torch.Tensor  # [S + 1] where each sequence's query tokens start in q
+    seq_lens: torch.Tensor  # [S] tokens each sequence attends to, its new tokens included
+    block_tables: torch.Tensor  # [S, max_blocks], padded with 0
+    num_decodes: int  # the first num_decodes sequences are single-token decodes
+    max_query_len: int
+    prefills: list[tuple[int, int, int]]  # host copy for the torch backend: (query start,
+    #                                       query len, start position) per prefill chunk
+
+
+class AttentionBackend(Protocol):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
+                meta: AttentionMetadata, scale: float) -> torch.Tensor: ...
 
 
 class TorchPagedAttention:
-    """Reference backend: runs anywhere torch does; the GPU backend must match it."""
+    """Reference backend: runs anywhere torch does; the Triton backend must match it."""
 
     def __init__(self, block_size: int):
         self.block_size = block_size
@@ -32,6 +42,7 @@ class TorchPagedAttention:
     def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  slots: torch.Tensor) -> None:
         kv_heads, dim = k.shape[-2:]
+        slots = slots.long()
         cache[0].view(-1, kv_heads, dim).index_copy_(0, slots, k)
         cache[1].view(-1, kv_heads, dim).index_copy_(0, slots, v)
 
@@ -42,7 +53,8 @@ class TorchPagedAttention:
         out = torch.empty_like(q)
         if meta.num_decodes:
             out[: meta.num_decodes] = self._decode(q[: meta.num_decodes], cache, meta, scale)
-        for q_start, q_len, pos, table in meta.prefills:
+        tables = meta.block_tables[meta.num_decodes:]
+        for (q_start, q_len, pos), table in zip(meta.prefills, tables):
             out[q_start:q_start + q_len] = self._prefill(
                 q[q_start:q_start + q_len], cache, pos, table, scale)
         return out
@@ -55,9 +67,10 @@ class TorchPagedAttention:
 
     def _decode(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
                 scale: float) -> torch.Tensor:
-        k, v = self._gather(cache, meta.decode_block_tables)  # [B, L, kvh, d]
+        n = meta.num_decodes
+        k, v = self._gather(cache, meta.block_tables[:n])  # [B, L, kvh, d]
         positions = torch.arange(k.shape[1], device=q.device)
-        mask = (positions[None, :] < meta.decode_context_lens[:, None])[:, None, None, :]
+        mask = (positions[None, :] < meta.seq_lens[:n, None])[:, None, None, :]
         out = F.scaled_dot_product_attention(
             q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
             scale=scale, enable_gqa=True)
@@ -79,3 +92,16 @@ class TorchPagedAttention:
             q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask, is_causal=causal,
             scale=scale, enable_gqa=True)
         return out[0].transpose(0, 1)
+
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def make_backend(name: str, device: torch.device, block_size: int) -> AttentionBackend:
+    """auto: Triton kernels on CUDA, pure torch elsewhere."""
+    if name not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {', '.join(BACKENDS)}")
+    if name == "triton" or (name == "auto" and device.type == "cuda"):
+        from sloserve.model.triton_attention import TritonPagedAttention
+        return TritonPagedAttention(block_size)
+    return TorchPagedAttention(block_size)

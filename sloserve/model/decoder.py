@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sloserve.model.attention import AttentionMetadata, TorchPagedAttention
+from sloserve.model.attention import AttentionBackend, AttentionMetadata
 from sloserve.model.config import ModelConfig
 
 
@@ -67,7 +67,7 @@ class Rotary(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, backend: TorchPagedAttention):
+    def __init__(self, config: ModelConfig, backend: AttentionBackend):
         super().__init__()
         self.heads, self.kv_heads, self.dim = config.num_heads, config.num_kv_heads, config.head_dim
         qkv_out = (self.heads + 2 * self.kv_heads) * self.dim
@@ -98,7 +98,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, backend: TorchPagedAttention):
+    def __init__(self, config: ModelConfig, backend: AttentionBackend):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, backend)
@@ -111,7 +111,7 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderLM(nn.Module):
-    def __init__(self, config: ModelConfig, backend: TorchPagedAttention):
+    def __init__(self, config: ModelConfig, backend: AttentionBackend):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)

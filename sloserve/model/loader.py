@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from sloserve.model.attention import TorchPagedAttention
+from sloserve.model.attention import AttentionBackend, make_backend
 from sloserve.model.config import NAMED_SHAPES, ModelConfig
 from sloserve.model.cpu import tune_for_cpu
 from sloserve.model.decoder import DecoderLM, Rotary
@@ -103,13 +103,14 @@ def resolve(spec: str | None) -> tuple[str, Path | None, dict | None]:
 
 
 def load(spec: str | None, dtype: torch.dtype, device: torch.device,
-         block_size: int) -> LoadedModel:
+         block_size: int, attention_backend: str = "auto") -> LoadedModel:
     from transformers import AutoTokenizer
 
     name, folder, dummy = resolve(spec)
     hf_config = dummy if dummy is not None else json.loads((folder / "config.json").read_text())
     config = ModelConfig.from_hf(hf_config)
-    model = _empty_model(config, dtype, device, block_size)
+    model = _empty_model(config, dtype, device, make_backend(attention_backend, device,
+                                                             block_size))
     if dummy is not None:
         _init_dummy(model)
     else:
@@ -122,9 +123,9 @@ def load(spec: str | None, dtype: torch.dtype, device: torch.device,
 
 
 def _empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device,
-                 block_size: int) -> DecoderLM:
+                 backend: AttentionBackend) -> DecoderLM:
     with torch.device("meta"):
-        model = DecoderLM(config, TorchPagedAttention(block_size))
+        model = DecoderLM(config, backend)
     model = model.to_empty(device=device).to(dtype)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

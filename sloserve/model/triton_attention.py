@@ -1,0 +1,127 @@
+"""GPU attention backend: Triton kernels over the paged KV cache.
+
+One kernel serves decodes, prefill chunks and mixed steps: a program takes BLOCK_Q query tokens
+of one sequence and every query head of one KV head (GQA: K and V are read once for the whole
+group), walks that sequence's pages with an online softmax, and masks causally by absolute
+position. A second kernel writes a step's new K and V into the cache in one launch. Sequences
+with seq_len 0 and slots of -1 are padding (CUDA-graph batches are padded to a captured size).
+
+On the CPU the same kernels run under Triton's interpreter (TRITON_INTERPRET=1), which is how CI
+checks them against the pure-torch backend.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sloserve.model.attention import AttentionMetadata
+
+
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr, k_stride, v_stride, plane_stride,
+                     ROW: tl.constexpr, BLOCK: tl.constexpr):
+    token = tl.program_id(0)
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    if slot >= 0:
+        offs = tl.arange(0, BLOCK)
+        ok = offs < ROW
+        k = tl.load(k_ptr + token * k_stride + offs, mask=ok)
+        v = tl.load(v_ptr + token * v_stride + offs, mask=ok)
+        tl.store(cache_ptr + slot * ROW + offs, k, mask=ok)
+        tl.store(cache_ptr + plane_stride + slot * ROW + offs, v, mask=ok)
+
+
+@triton.jit
+def _paged_attention_kernel(
+        out_ptr, q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, scale,
+        q_stride_t, q_stride_h, out_stride_t, out_stride_h, plane_stride, table_stride,
+        KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr):
+    seq = tl.program_id(0)
+    tile = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    q_start = tl.load(query_start_ptr + seq)
+    q_len = tl.load(query_start_ptr + seq + 1) - q_start
+    if tile * BLOCK_Q < q_len:
+        context = tl.load(seq_lens_ptr + seq)
+        rows = tl.arange(0, BLOCK_M)
+        token = tile * BLOCK_Q + rows // GROUP  # query index within the sequence
+        head = kv_head * GROUP + rows % GROUP
+        row_ok = (token < q_len) & (rows < BLOCK_Q * GROUP)
+        position = context - q_len + token  # absolute position of each query row
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HEAD_DIM
+        q = tl.load(q_ptr + (q_start + token)[:, None] * q_stride_t
+                    + head[:, None] * q_stride_h + d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        # keys this tile can see: up to the position of its last query token
+        visible_end = context - q_len + tl.minimum((tile + 1) * BLOCK_Q, q_len)
+        table = block_tables_ptr + seq * table_stride
+        for start in range(0, visible_end, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            n_ok = n < visible_end
+            block = tl.load(table + n // PAGE, mask=n_ok, other=0).to(tl.int64)
+            offset = (block * PAGE + n % PAGE) * (KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            k = tl.load(cache_ptr + offset[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(cache_ptr + plane_stride + offset[:, None] + d[None, :],
+                        mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            s = tl.where(n_ok[None, :] & (n[None, :] <= position[:, None]), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(out_ptr + (q_start + token)[:, None] * out_stride_t
+                 + head[:, None] * out_stride_h + d[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+class TritonPagedAttention:
+    """Same contract as TorchPagedAttention; metadata tensors are int32 on the device."""
+
+    block_n = 64
+
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+
+    def write_kv(self, cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 slots: torch.Tensor) -> None:
+        row = k.shape[1] * k.shape[2]
+        _write_kv_kernel[(k.shape[0],)](
+            k, v, cache, slots, k.stride(0), v.stride(0), cache.stride(0),
+            ROW=row, BLOCK=triton.next_power_of_2(row))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
+                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """q: [T, heads, dim]; k, v: [T, kv_heads, dim]. Returns [T, heads, dim]."""
+        self.write_kv(cache, k, v, meta.slot_mapping)
+        heads, dim = q.shape[1], q.shape[2]
+        kv_heads = k.shape[1]
+        group = heads // kv_heads
+        # decode-only steps want few query tokens per program; prefills want more rows per
+        # K/V tile. tl.dot needs at least 16 rows.
+        block_q = max(1, (16 if meta.max_query_len == 1 else 64) // group)
+        block_m = max(16, triton.next_power_of_2(block_q * group))
+        out = torch.empty_like(q)
+        num_seqs = meta.seq_lens.shape[0]
+        grid = (num_seqs, triton.cdiv(meta.max_query_len, block_q), kv_heads)
+        precision = "ieee" if q.dtype == torch.float32 else "tf32"
+        _paged_attention_kernel[grid](
+            out, q, cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1), cache.stride(0),
+            meta.block_tables.stride(0),
+            KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=dim,
+            BLOCK_D=triton.next_power_of_2(dim), BLOCK_Q=block_q, BLOCK_M=block_m,
+            BLOCK_N=self.block_n, PAGE=self.block_size, PRECISION=precision)
+        return out
