@@ -15,15 +15,31 @@ from torch import nn
 from sloserve.model.attention import AttentionBackend, AttentionMetadata
 from sloserve.model.config import ModelConfig
 
+try:  # the GPU path's fused kernels
+    from sloserve.model import triton_ops
+except ImportError:
+    triton_ops = None
+
 
 class RMSNorm(nn.Module):
+    fused = False  # True: one Triton kernel (GPU path)
+
     def __init__(self, size: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the residual stream (when given) and normalise; returns (normed, new residual)."""
+        if self.fused:
+            if residual is None:
+                return triton_ops.rms_norm(x, self.weight, self.eps), x
+            return triton_ops.rms_norm(x, self.weight, self.eps, residual), residual
+        if residual is not None:
+            x = x + residual
+        normed = F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps)
+        return normed.to(x.dtype), x
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -51,6 +67,8 @@ def _llama3_scale(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
 
 
 class Rotary(nn.Module):
+    fused = False  # True: rotate q and k in place with one Triton kernel (GPU path)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
@@ -60,6 +78,9 @@ class Rotary(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x: [tokens, heads, dim]. HF layout: the two halves of a head form the pairs."""
+        if self.fused:
+            triton_ops.rotary_(x, positions, self.cos, self.sin)
+            return x
         cos = self.cos[positions][:, None, :]
         sin = self.sin[positions][:, None, :]
         x1, x2 = x.float().chunk(2, dim=-1)
@@ -105,9 +126,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, positions, rotary, cache, meta) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, positions, rotary, cache, meta
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns this layer's output and the residual stream before it (added by the next
+        norm, so that add and norm are one fused kernel on the GPU)."""
+        h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, positions, rotary, cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class DecoderLM(nn.Module):
@@ -128,8 +154,14 @@ class DecoderLM(nn.Module):
                 kv_caches: list[torch.Tensor], meta: AttentionMetadata,
                 logits_indices: torch.Tensor) -> torch.Tensor:
         """Logits (float32) of the tokens at `logits_indices` only."""
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for layer, cache in zip(self.layers, kv_caches):
-            x = layer(x, positions, self.rotary, cache, meta)
-        x = self.norm(x[logits_indices])
+            x, residual = layer(x, residual, positions, self.rotary, cache, meta)
+        x, _ = self.norm(x[logits_indices], residual[logits_indices])
         return self.lm_head(x).float()
+
+    def use_fused_ops(self, fused: bool) -> None:
+        """Triton kernels for RMSNorm and rotary (GPU), or plain torch ops."""
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, Rotary)):
+                module.fused = fused

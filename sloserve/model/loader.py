@@ -126,6 +126,7 @@ def _empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device,
                  backend: AttentionBackend) -> DecoderLM:
     with torch.device("meta"):
         model = DecoderLM(config, backend)
+    model.use_fused_ops(getattr(backend, "fused_ops", False))
     model = model.to_empty(device=device).to(dtype)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

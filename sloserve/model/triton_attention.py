@@ -129,6 +129,7 @@ class TritonPagedAttention:
     """Same contract as TorchPagedAttention; metadata tensors are int32 on the device."""
 
     block_n = 64
+    fused_ops = True  # the model pairs this backend with the fused RMSNorm and rotary kernels
 
     def __init__(self, block_size: int):
         self.block_size = block_size

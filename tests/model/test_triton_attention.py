@@ -1,16 +1,13 @@
 """The Triton backend against the pure-torch one: kernels on random paged caches, and whole
-models generating greedily. Without CUDA the kernels run under Triton's interpreter."""
+models generating greedily. Without CUDA the kernels run under Triton's interpreter
+(tests/conftest.py sets TRITON_INTERPRET)."""
 
 from __future__ import annotations
 
 import gc
-import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernels' definition
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array:DeprecationWarning")
@@ -29,12 +26,13 @@ def paged_step(query_lens: list[int], seq_lens: list[int], kv_heads: int, dim: i
     generator = torch.Generator().manual_seed(0)
     order = torch.randperm(num_blocks, generator=generator).tolist()
     tables, slots = [], []
+    width = -(-max(seq_lens) // BLOCK)
     for q_len, seq_len in zip(query_lens, seq_lens):
         pages = -(-seq_len // BLOCK)
         table, order = order[:pages], order[pages:]
-        tables.append(table + [0] * (8 - pages))
+        tables.append(table + [0] * (width - pages))
         slots += [table[p // BLOCK] * BLOCK + p % BLOCK for p in range(seq_len - q_len, seq_len)]
-    tables += [[0] * 8] * pad
+    tables += [[0] * width] * pad
     starts = torch.tensor([0] + query_lens + [1] * pad).cumsum(0)
     i32 = dict(dtype=torch.int32, device=DEVICE)
     num_decodes = sum(1 for n in query_lens if n == 1)
@@ -153,3 +151,27 @@ def test_gpu_bfloat16_model_logits_close_to_torch_backend():
     scale = logits["torch"].abs().max().item()
     print(f"bf16 logits: max |diff| {diff:.4g}, max |logit| {scale:.4g}")
     assert diff <= 0.02 * scale
+
+
+def test_fused_norm_and_rotary_match_torch_ops():
+    from sloserve.model import triton_ops
+    from sloserve.model.config import NAMED_SHAPES, ModelConfig
+    from sloserve.model.decoder import RMSNorm, Rotary
+
+    generator = torch.Generator().manual_seed(0)
+    x, residual = (torch.randn(5, 96, generator=generator).to(DEVICE) for _ in range(2))
+    norm = RMSNorm(96, 1e-5).to(DEVICE)
+    norm.weight.data.uniform_(0.5, 1.5, generator=generator)
+    expected, expected_residual = norm(x, residual.clone())
+    fused_residual = residual.clone()
+    out = triton_ops.rms_norm(x, norm.weight, 1e-5, fused_residual)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(fused_residual, expected_residual)
+
+    rotary = Rotary(ModelConfig.from_hf(NAMED_SHAPES["qwen2-tiny"])).to(DEVICE)
+    qkv = torch.randn(7, 8, 32, generator=generator).to(DEVICE)  # 4 q, 2 k, 2 v heads
+    positions = torch.tensor([0, 1, 2, 50, 51, 900, 3], device=DEVICE)
+    expected = rotary(positions, qkv[:, :6])
+    rotary.fused = True
+    rotary(positions, qkv[:, :6])  # in place, through the token stride of qkv
+    torch.testing.assert_close(qkv[:, :6], expected)
