@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=1000)
     parser.add_argument("--input-len", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=256)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-seqs", type=int, default=512)
     parser.add_argument("--hf-requests", type=int, default=256)
     parser.add_argument("--hf-batch", type=int, default=128)
     args = parser.parse_args()

@@ -132,7 +132,7 @@ def test_gpu_bfloat16_logits_close_to_float32_reference():
 def test_gpu_bfloat16_model_logits_close_to_torch_backend():
     """Prefill logits of a SmolLM2-shaped model in bfloat16, Triton vs pure-torch attention:
     the kernels accumulate in float32 in another order, so logits differ by bfloat16 rounding
-    (measured on an H100: under 1% of the largest logit)."""
+    (measured on an H100: 0.027 against a largest logit of 2.06, 1.3%)."""
     from sloserve.core.plan import ScheduledChunk
     from sloserve.request import Request
 
@@ -160,8 +160,9 @@ def test_fused_norm_and_rotary_match_torch_ops():
 
     generator = torch.Generator().manual_seed(0)
     x, residual = (torch.randn(5, 96, generator=generator).to(DEVICE) for _ in range(2))
-    norm = RMSNorm(96, 1e-5).to(DEVICE)
+    norm = RMSNorm(96, 1e-5)
     norm.weight.data.uniform_(0.5, 1.5, generator=generator)
+    norm = norm.to(DEVICE)
     expected, expected_residual = norm(x, residual.clone())
     fused_residual = residual.clone()
     out = triton_ops.rms_norm(x, norm.weight, 1e-5, fused_residual)
