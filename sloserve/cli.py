@@ -116,13 +116,39 @@ def cmd_serve(args: argparse.Namespace) -> None:
                               max_waiting=args.max_waiting,
                               request_timeout_s=args.request_timeout,
                               served_model_name=args.served_model_name, default_slo=slo)
-        engine = LLMEngine(engine_config(args))
+        engine = cluster_engine(args) if args.mode else LLMEngine(engine_config(args))
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
     try:
         serve(engine, config)
     except OSError as e:
         raise CLIError(str(e)) from None
+
+
+def cluster_engine(args: argparse.Namespace):
+    """--mode colocated | disagg | tropical: engine instances as Ray actors."""
+    import dataclasses
+
+    from sloserve.disagg.cluster import ClusterEngine, cluster_config
+
+    config = engine_config(args)
+    if args.enable_chunked_prefill and config.scheduler.policy == "fcfs":
+        config = dataclasses.replace(config, scheduler=dataclasses.replace(
+            config.scheduler, policy="chunked"))
+    shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+    def role_kwargs(role: str) -> dict:
+        scheduler = dataclasses.replace(config.scheduler, **{
+            k: v for k, v in (("max_num_seqs", getattr(args, f"{role}_max_num_seqs")),
+                              ("max_num_batched_tokens",
+                               getattr(args, f"{role}_max_num_batched_tokens"))) if v})
+        util = getattr(args, f"{role}_gpu_memory_utilization")
+        return {"scheduler": scheduler, **({"gpu_memory_utilization": util} if util else {})}
+
+    return ClusterEngine(cluster_config(
+        args.mode, args.replica_spec, args.partition_id, shared,
+        prefill_kwargs=role_kwargs("prefill"), decode_kwargs=role_kwargs("decode"),
+        ray_address=args.ray_address, latency_profile=args.latency_profile))
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
@@ -160,6 +186,23 @@ def _int_list(text: str, flag: str) -> list[int]:
     return values
 
 
+def add_cluster_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("several engine instances over Ray (--mode)")
+    g.add_argument("--mode", choices=["colocated", "disagg", "tropical"], default=None,
+                   help="unset: one engine in this process")
+    g.add_argument("--replica-spec", nargs="+", default=["1,1", "1,1"], metavar="TP,PP",
+                   help="one tp,pp per engine instance")
+    g.add_argument("--partition-id", type=int, default=1,
+                   help="instances [0, partition-id) prefill, the rest decode")
+    for role in ("prefill", "decode"):
+        g.add_argument(f"--{role}-max-num-seqs", type=int, default=None)
+        g.add_argument(f"--{role}-max-num-batched-tokens", type=int, default=None)
+        g.add_argument(f"--{role}-gpu-memory-utilization", type=float, default=None)
+    g.add_argument("--enable-chunked-prefill", action="store_true",
+                   help="chunked prefill on every instance (the chunked policy)")
+    g.add_argument("--ray-address", default=None, help="join this Ray cluster; default: local")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sloserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -187,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--slo-deadline-ms", type=float, default=None,
                      help="default end-to-end objective")
     add_engine_args(srv)
+    add_cluster_args(srv)
     srv.set_defaults(func=cmd_serve)
 
     prof = sub.add_parser("profile", help="measure step latency, write a latency profile")

@@ -79,43 +79,13 @@ class RequestOutput:
     slo: SLO
 
 
-class LLMEngine:
-    def __init__(self, config: EngineConfig):
-        self.config = config
-        loaded = loader.load(config.model, config.torch_dtype, config.torch_device,
-                             config.block_size, config.attention_backend)
-        self.model_name, self.model_config, self.tokenizer = (
-            loaded.name, loaded.config, loaded.tokenizer)
-        self.max_model_len = min(config.max_model_len or loaded.config.max_position_embeddings,
-                                 loaded.config.max_position_embeddings)
-        num_blocks = config.num_kv_blocks or self._blocks_from_memory(loaded.model)
-        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        scheduler_config = dataclasses.replace(config.scheduler, max_model_len=self.max_model_len)
-        self.scheduler = Scheduler(scheduler_config, self.blocks)
-        graphs = (config.torch_device.type == "cuda" and not config.enforce_eager
-                  and config.attention_backend != "torch")
-        self.runner = ModelRunner(loaded.model, num_blocks, config.block_size,
-                                  cuda_graph_max_batch=scheduler_config.max_num_seqs * graphs)
-        self.eos_token_id = self._eos_token_id()
-        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
-        self._ids = itertools.count()
-        self.clock: Callable[[], float] = time.monotonic
-        self.last_step_time = 0.0
+class RequestIntake:
+    """Prompt -> validated Request: shared by LLMEngine and the disaggregated front end.
+    Needs tokenizer, model_config, max_model_len, eos_token_id, clock, _ids and a
+    `scheduler` whose check() raises ValueError for a request that could never run."""
 
-    def _blocks_from_memory(self, model: torch.nn.Module) -> int:
-        if self.config.torch_device.type == "cuda":
-            s = self.config.scheduler
-            return kv_blocks_for_gpu(model, self.config.block_size, s.max_num_batched_tokens,
-                                     s.max_num_seqs, self.config.gpu_memory_utilization)
-        per_token = self.model_config.kv_bytes_per_token(self.config.torch_dtype.itemsize)
-        tokens = int(self.config.kv_cache_memory_gb * 2**30) // per_token
-        return max(1, tokens // self.config.block_size)
-
-    def _eos_token_id(self) -> int | None:
-        eos = self.tokenizer.eos_token_id
-        if eos is None and self.model_config.eos_token_ids:
-            eos = self.model_config.eos_token_ids[0]
-        return eos
+    tokenizer: Any
+    scheduler: Any
 
     # ---- intake ------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> list[int]:
@@ -157,6 +127,40 @@ class LLMEngine:
         self.scheduler.check(request)
         return request
 
+
+
+class LLMEngine(RequestIntake):
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        loaded = loader.load(config.model, config.torch_dtype, config.torch_device,
+                             config.block_size, config.attention_backend)
+        self.model_name, self.model_config, self.tokenizer = (
+            loaded.name, loaded.config, loaded.tokenizer)
+        self.max_model_len = min(config.max_model_len or loaded.config.max_position_embeddings,
+                                 loaded.config.max_position_embeddings)
+        num_blocks = config.num_kv_blocks or self._blocks_from_memory(loaded.model)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        scheduler_config = dataclasses.replace(config.scheduler, max_model_len=self.max_model_len)
+        self.scheduler = Scheduler(scheduler_config, self.blocks)
+        graphs = (config.torch_device.type == "cuda" and not config.enforce_eager
+                  and config.attention_backend != "torch")
+        self.runner = ModelRunner(loaded.model, num_blocks, config.block_size,
+                                  cuda_graph_max_batch=scheduler_config.max_num_seqs * graphs)
+        self.eos_token_id = eos_token_id(self.tokenizer, self.model_config)
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._ids = itertools.count()
+        self.clock: Callable[[], float] = time.monotonic
+        self.last_step_time = 0.0
+
+    def _blocks_from_memory(self, model: torch.nn.Module) -> int:
+        if self.config.torch_device.type == "cuda":
+            s = self.config.scheduler
+            return kv_blocks_for_gpu(model, self.config.block_size, s.max_num_batched_tokens,
+                                     s.max_num_seqs, self.config.gpu_memory_utilization)
+        per_token = self.model_config.kv_bytes_per_token(self.config.torch_dtype.itemsize)
+        tokens = int(self.config.kv_cache_memory_gb * 2**30) // per_token
+        return max(1, tokens // self.config.block_size)
+
     def submit(self, request: Request) -> Request:
         """Queue a request built by make_request."""
         self.scheduler.add(request)
@@ -170,6 +174,27 @@ class LLMEngine:
         """Validate and queue a request; raises ValueError naming the bad field."""
         return self.submit(self.make_request(prompt, params, slo, request_id, arrival_time,
                                              priority))
+
+    # ---- disaggregation: hand a prefilled request's KV to another engine ---------------
+    def export_kv(self, request: Request) -> torch.Tensor:
+        """KV of the tokens the request has computed, on the CPU (one tensor, every layer)."""
+        blocks = request.block_ids[: self.blocks.blocks_for(request.num_computed_tokens)]
+        return self.runner.read_blocks(blocks).cpu()
+
+    def import_prefilled(self, request: Request, kv: torch.Tensor) -> bool:
+        """Continue a request another engine prefilled (its first token sampled there) with
+        that engine's KV. False when this engine has no room for it yet."""
+        if not self.scheduler.add_prefilled(request, self.clock()):
+            return False
+        self.runner.write_blocks(request.block_ids[: kv.shape[2]], kv)
+        detok = IncrementalDetokenizer(self.tokenizer, request.sampling_params.stop)
+        detok.push(request.output_token_ids)  # the text the client already has
+        self._detokenizers[request.request_id] = detok
+        return True
+
+    def take_failures(self) -> list[tuple[str, Exception]]:
+        """Requests that ended with an error outside a step (none in one process)."""
+        return []
 
     def abort(self, request_id: str) -> None:
         request = self.scheduler.abort(request_id, self.clock())
@@ -209,6 +234,13 @@ class LLMEngine:
         self.runner.release(request.request_id)
 
 
+def eos_token_id(tokenizer: Any, model_config: Any) -> int | None:
+    eos = tokenizer.eos_token_id
+    if eos is None and model_config.eos_token_ids:
+        eos = model_config.eos_token_ids[0]
+    return eos
+
+
 def timings(request: Request) -> dict[str, float | None]:
     return {"arrival_time": request.arrival_time,
             "first_scheduled_time": request.first_scheduled_time,
@@ -216,4 +248,5 @@ def timings(request: Request) -> dict[str, float | None]:
             "finish_time": request.finish_time,
             "queueing_time": request.queueing_time,
             "ttft": request.ttft,
-            "tpot": request.tpot}
+            "tpot": request.tpot,
+            "kv_transfer_time": request.kv_transfer_time}

@@ -138,6 +138,7 @@ class Request:
     first_token_time: float | None = None
     last_token_time: float | None = None
     finish_time: float | None = None
+    kv_transfer_time: float | None = None  # disaggregated: prefill's KV export to import
 
     @property
     def num_prompt_tokens(self) -> int:

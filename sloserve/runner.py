@@ -100,6 +100,17 @@ class ModelRunner:
             step.tables.append(table)
         return step
 
+    def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """KV of these blocks, every layer: [layers, 2, blocks, block_size, kv_heads, dim]."""
+        index = torch.tensor(block_ids, device=self.device)
+        return torch.stack([cache[:, index] for cache in self.kv_caches])
+
+    def write_blocks(self, block_ids: list[int], kv: torch.Tensor) -> None:
+        index = torch.tensor(block_ids, device=self.device)
+        kv = kv.to(self.device, self.dtype)
+        for cache, layer in zip(self.kv_caches, kv):
+            cache[:, index] = layer
+
     def release(self, request_id: str) -> None:
         self.sampler.release(request_id)
 

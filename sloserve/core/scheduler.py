@@ -64,6 +64,30 @@ class Scheduler:
         self.version += 1
         self._by_id[request.request_id] = request
 
+    def add_prefilled(self, request: Request, now: float) -> bool:
+        """Take over a request whose first num_computed_tokens tokens were computed elsewhere
+        (disaggregated prefill): give it blocks for them and run it. False, changing nothing,
+        when the blocks are not free; the caller copies the KV into request.block_ids."""
+        if request.request_id in self._by_id:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        self.check(request)
+        computed = request.num_computed_tokens
+        request.block_ids, request.num_computed_tokens = [], 0
+        if len(self.running) >= self.config.max_num_seqs \
+                or not self.blocks.can_allocate(request, computed):
+            request.num_computed_tokens = computed
+            return False
+        self.blocks.allocate(request, computed)
+        request.num_computed_tokens = computed
+        self.blocks.cache_full_blocks(request)
+        request.status = RequestStatus.RUNNING
+        if request.first_scheduled_time is None:
+            request.first_scheduled_time = now
+        self.running.append(request)
+        self._by_id[request.request_id] = request
+        self.version += 1
+        return True
+
     def _enqueue(self, request: Request) -> None:
         """Keep `waiting` in (arrival, priority) order; arrivals almost always come last."""
         key = (request.arrival_time, request.priority)

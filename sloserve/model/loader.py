@@ -104,8 +104,6 @@ def resolve(spec: str | None) -> tuple[str, Path | None, dict | None]:
 
 def load(spec: str | None, dtype: torch.dtype, device: torch.device,
          block_size: int, attention_backend: str = "auto") -> LoadedModel:
-    from transformers import AutoTokenizer
-
     name, folder, dummy = resolve(spec)
     hf_config = dummy if dummy is not None else json.loads((folder / "config.json").read_text())
     config = ModelConfig.from_hf(hf_config)
@@ -117,9 +115,22 @@ def load(spec: str | None, dtype: torch.dtype, device: torch.device,
         model.load_state_dict(_read_weights(folder, config, dtype, device))
     if device.type == "cpu":
         tune_for_cpu(model)
+    return LoadedModel(model.eval(), config, _tokenizer(folder), name)
+
+
+def load_frontend(spec: str | None) -> tuple[str, ModelConfig, Any]:
+    """Name, config and tokenizer without the weights: what a front end needs."""
+    name, folder, dummy = resolve(spec)
+    hf_config = dummy if dummy is not None else json.loads((folder / "config.json").read_text())
+    return name, ModelConfig.from_hf(hf_config), _tokenizer(folder)
+
+
+def _tokenizer(folder: Path | None):
+    from transformers import AutoTokenizer
+
     if folder is None or not any((folder / f).exists() for f in TOKENIZER_FILES):
         folder = SHIPPED_TOKENIZER  # models without a tokenizer borrow SmolLM2's
-    return LoadedModel(model.eval(), config, AutoTokenizer.from_pretrained(folder), name)
+    return AutoTokenizer.from_pretrained(folder)
 
 
 def _empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device,

@@ -321,5 +321,6 @@ def _timings(out: RequestOutput) -> dict:
     e2e = t["finish_time"] - t["arrival_time"]
     return {"queueing_ms": ms(t["queueing_time"]), "ttft_ms": ms(t["ttft"]),
             "tpot_ms": ms(t["tpot"]), "e2e_ms": ms(e2e),
+            "kv_transfer_ms": ms(t.get("kv_transfer_time")),
             "slo_attained": out.slo.attained(t["ttft"], t["tpot"], e2e)
             if out.slo.has_objectives else None}

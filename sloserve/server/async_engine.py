@@ -121,6 +121,8 @@ class AsyncEngine:
                 self._fail_all(RuntimeError(f"engine step failed: {e}"))
                 continue
             self._deliver(outputs)
+            for request_id, error in self.engine.take_failures():  # e.g. an instance died
+                self._send(request_id, error)
         self._fail_all(RuntimeError("the server shut down before the request finished"))
 
     def _drain_inbox(self) -> bool:

@@ -1,0 +1,311 @@
+"""The front end of a multi-instance deployment: engine instances as Ray actors, a router,
+and the same engine interface the OpenAI server drives (make_request / submit / abort /
+has_unfinished / step), so `sloserve serve --mode disagg` is the usual server on top.
+
+Modes: colocated (N identical replicas, least queued prompt tokens), disagg (instances
+[0, partition_id) prefill, the rest decode; KV moves through Ray's object store), tropical
+(disagg, and a decode instance also takes a prefill when the prefill instances are backed up,
+the request's TTFT objective can still be met there, and the step that carries the prompt
+keeps every running decode within its TPOT objective).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from sloserve.core.latency import LatencyModel
+from sloserve.disagg.worker import Handoff, InstanceStats, InstanceWorker, PollResult
+from sloserve.engine import RequestIntake, RequestOutput, eos_token_id
+from sloserve.model import loader
+from sloserve.request import Request
+
+log = logging.getLogger("sloserve.disagg")
+
+MODES = ("colocated", "disagg", "tropical")
+
+
+def parse_replica_spec(items: list[str]) -> list[tuple[int, int]]:
+    """["1,1", "1,1"] -> [(1, 1), (1, 1)] (tp, pp per instance)."""
+    spec = []
+    for item in items:
+        try:
+            tp, pp = (int(x) for x in item.split(","))
+        except ValueError:
+            raise ValueError(f"--replica-spec entries are 'tp,pp', got {item!r}") from None
+        if pp != 1:
+            raise ValueError(f"pipeline parallelism is not supported (pp={pp} in {item!r})")
+        if tp != 1:
+            raise ValueError(f"tp={tp} in {item!r}: tensor parallelism is not built yet; "
+                             "use tp=1")
+        spec.append((tp, pp))
+    if not spec:
+        raise ValueError("--replica-spec needs at least one instance")
+    return spec
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    mode: str = "disagg"
+    replica_spec: tuple[tuple[int, int], ...] = ((1, 1), (1, 1))
+    partition_id: int = 1  # instances [0, partition_id) prefill, the rest decode
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)  # every instance
+    prefill_kwargs: dict[str, Any] = field(default_factory=dict)  # prefill instances only
+    decode_kwargs: dict[str, Any] = field(default_factory=dict)  # decode instances only
+    ray_address: str | None = None  # None: a local Ray instance
+    latency_profile: str | None = None  # tropical's step-time model; None: the shipped one
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}")
+        n = len(self.replica_spec)
+        if self.mode != "colocated" and not 0 < self.partition_id < n:
+            raise ValueError(f"--partition-id must be in [1, {n - 1}] for {n} instances "
+                             "(at least one prefill and one decode instance)")
+
+    def roles(self) -> list[str]:
+        if self.mode == "colocated":
+            return ["colocated"] * len(self.replica_spec)
+        return ["prefill" if i < self.partition_id else "decode"
+                for i in range(len(self.replica_spec))]
+
+
+@dataclass
+class Instance:
+    index: int
+    role: str
+    actor: Any
+    stats: InstanceStats
+    poll: Any = None  # the outstanding poll's ObjectRef
+    alive: bool = True
+    sent_tokens: int = 0  # prompt tokens routed here since its last stats
+    sent_blocks: int = 0  # KV blocks handed here since its last stats
+
+
+class _QueueView:
+    """What the server's metrics and 429 logic read from `engine.scheduler`."""
+
+    def __init__(self, cluster: ClusterEngine):
+        self._cluster = cluster
+
+    @property
+    def waiting(self) -> list:
+        return [None] * sum(i.stats.num_waiting for i in self._cluster.instances)
+
+    preempted: list = []
+
+    @property
+    def running(self) -> list:
+        return [None] * sum(i.stats.num_running for i in self._cluster.instances)
+
+    def unfinished_ids(self) -> list[str]:
+        return list(self._cluster.placement)
+
+    def check(self, request: Request) -> None:
+        if request.num_prompt_tokens >= self._cluster.max_model_len:
+            raise ValueError(f"prompt has {request.num_prompt_tokens} tokens, which leaves no "
+                             f"room to generate within {self._cluster.max_model_len}")
+
+
+class _BlocksView:
+    def __init__(self, cluster: ClusterEngine):
+        self._cluster = cluster
+
+    @property
+    def usage(self) -> float:
+        stats = [i.stats for i in self._cluster.instances]
+        total = sum(s.num_blocks for s in stats)
+        return 1.0 - sum(s.free_blocks for s in stats) / total if total else 0.0
+
+
+class ClusterEngine(RequestIntake):
+    def __init__(self, config: ClusterConfig):
+        import ray
+
+        self.config = config
+        model = config.engine_kwargs.get("model")
+        self.model_name, self.model_config, self.tokenizer = loader.load_frontend(model)
+        self.max_model_len = min(config.engine_kwargs.get("max_model_len")
+                                 or self.model_config.max_position_embeddings,
+                                 self.model_config.max_position_embeddings)
+        self.eos_token_id = eos_token_id(self.tokenizer, self.model_config)
+        self.clock: Callable[[], float] = time.monotonic
+        self._ids = itertools.count()
+        self.latency = (LatencyModel.from_file(config.latency_profile)
+                        if config.latency_profile else LatencyModel.default())
+        if not ray.is_initialized():
+            ray.init(address=config.ray_address, include_dashboard=False,
+                     log_to_driver=False, configure_logging=False)
+        self.instances = self._start_instances(ray)
+        self.placement: dict[str, int] = {}  # request id -> instance it is on now
+        self._failures: list[tuple[str, Exception]] = []
+        self.scheduler, self.blocks = _QueueView(self), _BlocksView(self)
+        self.last_step_time = 0.0
+
+    def _start_instances(self, ray) -> list[Instance]:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) else 0
+        actor_class = ray.remote(InstanceWorker).options(
+            num_cpus=1, num_gpus=gpus, max_restarts=-1, max_task_retries=0,
+            max_concurrency=4)
+        instances = []
+        for index, role in enumerate(self.config.roles()):
+            kwargs = {**self.config.engine_kwargs,
+                      **{"prefill": self.config.prefill_kwargs,
+                         "decode": self.config.decode_kwargs}.get(role, {})}
+            instances.append(Instance(index, role, actor_class.remote(role, kwargs), None))
+        for instance in instances:  # fails here, with the instance's error, if one cannot load
+            instance.stats = ray.get(instance.actor.stats.remote())
+            instance.poll = instance.actor.poll.remote()
+        return instances
+
+    # ---- the engine interface the server drives -------------------------------------------
+    def submit(self, request: Request) -> Request:
+        instance = self._route_prompt(request)
+        if instance is None:
+            raise ValueError("no engine instance is up to take the request; retry shortly")
+        instance.sent_tokens += request.num_prompt_tokens
+        instance.actor.submit.remote(request)
+        self.placement[request.request_id] = instance.index
+        return request
+
+    def abort(self, request_id: str) -> None:
+        index = self.placement.pop(request_id, None)
+        if index is not None:
+            self.instances[index].actor.abort.remote(request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.placement)
+
+    def take_failures(self) -> list[tuple[str, Exception]]:
+        failures, self._failures = self._failures, []
+        return failures
+
+    def step(self, timeout: float = 0.05) -> list[RequestOutput]:
+        """Collect what the instances did since the last call (waits up to `timeout`)."""
+        import ray
+
+        start = self.clock()
+        by_ref = {i.poll: i for i in self.instances}
+        ready, _ = ray.wait(list(by_ref), num_returns=len(by_ref), timeout=timeout)
+        outputs: list[RequestOutput] = []
+        for ref in ready:
+            instance = by_ref[ref]
+            try:
+                result: PollResult = ray.get(ref)
+            except ray.exceptions.RayError as e:
+                self._instance_failed(instance, e)
+            else:
+                self._absorb(instance, result, outputs)
+            instance.poll = instance.actor.poll.remote()
+        self.last_step_time = self.clock() - start
+        return outputs
+
+    # ---- results ---------------------------------------------------------------------------
+    def _absorb(self, instance: Instance, result: PollResult,
+                outputs: list[RequestOutput]) -> None:
+        if not instance.alive:
+            log.info("engine instance %d (%s) is back", instance.index, instance.role)
+        instance.alive, instance.stats = True, result.stats
+        instance.sent_tokens = instance.sent_blocks = 0
+        for out in result.outputs:
+            if self.placement.get(out.request_id) is None:
+                continue  # aborted meanwhile
+            if out.finished:
+                del self.placement[out.request_id]
+            outputs.append(out)
+        for request_id, message in result.failures:
+            if self.placement.pop(request_id, None) is not None:
+                self._failures.append((request_id, RuntimeError(message)))
+        for handoff in result.handoffs:
+            self._hand_off(handoff)
+
+    def _hand_off(self, handoff: Handoff) -> None:
+        request_id = handoff.request.request_id
+        if request_id not in self.placement:
+            return  # aborted while it was prefilled
+        target = self._pick_decode(handoff.request)
+        if target is None:
+            del self.placement[request_id]
+            self._failures.append((request_id, RuntimeError("no decode instance is up")))
+            return
+        target.sent_blocks += -(-handoff.request.num_tokens // self._block_size)
+        target.actor.submit_prefilled.remote(handoff, handoff.kv)
+        self.placement[request_id] = target.index
+
+    def _instance_failed(self, instance: Instance, error: Exception) -> None:
+        """Its requests end with an error; Ray restarts the actor, and routing skips it until
+        a poll answers again."""
+        if instance.alive:
+            log.error("engine instance %d (%s) died: %s", instance.index, instance.role,
+                      type(error).__name__)
+        instance.alive = False
+        lost = [r for r, i in self.placement.items() if i == instance.index]
+        for request_id in lost:
+            del self.placement[request_id]
+            self._failures.append((request_id, RuntimeError(
+                f"engine instance {instance.index} ({instance.role}) died while serving this "
+                "request")))
+
+    # ---- routing ---------------------------------------------------------------------------
+    @property
+    def _block_size(self) -> int:
+        return self.config.engine_kwargs.get("block_size", 16)
+
+    def _live(self, *roles: str) -> list[Instance]:
+        return [i for i in self.instances if i.alive and i.role in roles]
+
+    def _route_prompt(self, request: Request) -> Instance | None:
+        if self.config.mode == "colocated":
+            return min(self._live("colocated"), key=self._queued, default=None)
+        prefill = min(self._live("prefill"), key=self._queued, default=None)
+        if self.config.mode == "tropical":
+            decode = self._decode_with_slack(request, prefill)
+            if decode is not None:
+                return decode
+        return prefill
+
+    def _queued(self, instance: Instance) -> int:
+        return instance.stats.queued_prompt_tokens + instance.sent_tokens
+
+    def _pick_decode(self, request: Request) -> Instance | None:
+        free = lambda i: i.stats.free_blocks - i.sent_blocks  # noqa: E731
+        return max(self._live("decode"), key=free, default=None)
+
+    def _decode_with_slack(self, request: Request, prefill: Instance | None) -> Instance | None:
+        """Tropical: a decode instance whose prefill of this prompt would meet its TTFT
+        objective where the prefill instances would not, while the step that carries the
+        prompt stays within the tightest TPOT objective of the decodes running there."""
+        prompt = request.num_prompt_tokens
+        ttft_slo = request.slo.ttft_ms / 1e3 if request.slo.ttft_ms else None
+        if prefill is not None:
+            wait = self.latency.prefill_time(self._queued(prefill) + prompt)
+            if ttft_slo is None or wait <= ttft_slo:
+                return None  # the prefill instances are not backed up for this request
+        best, best_time = None, None
+        for d in self._live("decode"):
+            s = d.stats
+            ttft = self.latency.prefill_time(self._queued(d) + prompt) + s.last_step_time
+            step_with_prompt = self.latency.decode_time(max(1, s.num_running)) \
+                + self.latency.prefill_time(prompt)
+            tpot_ok = s.min_running_tpot_slo is None or step_with_prompt <= s.min_running_tpot_slo
+            if tpot_ok and (ttft_slo is None or ttft <= ttft_slo) \
+                    and (best_time is None or ttft < best_time):
+                best, best_time = d, ttft
+        return best
+
+    def shutdown(self) -> None:
+        import ray
+
+        for instance in self.instances:
+            ray.kill(instance.actor, no_restart=True)
+
+
+def cluster_config(mode: str, replica_spec: list[str], partition_id: int,
+                   engine_kwargs: dict[str, Any], **rest: Any) -> ClusterConfig:
+    return replace(ClusterConfig(mode=mode, replica_spec=tuple(parse_replica_spec(replica_spec)),
+                                 partition_id=partition_id, engine_kwargs=engine_kwargs),
+                   **rest)

@@ -1,0 +1,177 @@
+"""One engine instance inside a Ray actor: a prefill, decode or colocated role.
+
+The actor's methods only queue work and collect results; a thread of the actor owns the
+engine and steps it. A prefill instance runs a request until its first token, then exports the
+request's KV blocks to Ray's object store, frees them and reports a handoff; a decode instance
+imports such KV and decodes to the end. The front end (cluster.py) calls `poll` in a loop to
+collect what happened since its last call.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sloserve.engine import EngineConfig, LLMEngine, RequestOutput
+from sloserve.request import Request, RequestStatus
+
+ROLES = ("prefill", "decode", "colocated")
+
+
+@dataclass
+class Handoff:
+    """A prefilled request and where its KV waits (a Ray object ref)."""
+
+    request: Request
+    kv: Any
+    exported_at: float  # time.time() when the KV left: import time minus this = transfer
+
+
+@dataclass
+class InstanceStats:
+    role: str
+    queued_prompt_tokens: int  # prompt tokens still to compute here
+    num_running: int
+    num_waiting: int
+    free_blocks: int
+    num_blocks: int
+    min_running_tpot_slo: float | None  # seconds; tightest TPOT objective running here
+    last_step_time: float
+
+
+@dataclass
+class PollResult:
+    outputs: list[RequestOutput] = field(default_factory=list)
+    handoffs: list[Handoff] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (request id, message)
+    stats: InstanceStats | None = None
+
+
+class InstanceWorker:
+    def __init__(self, role: str, engine_kwargs: dict[str, Any]):
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}")
+        self.role = role
+        self.engine = LLMEngine(EngineConfig.from_kwargs(**engine_kwargs))
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._result = PollResult()
+        self._changed = threading.Condition()
+        self._imports: list[Handoff] = []  # KV that arrived before blocks were free
+        self._snapshot = self._stats()  # written by the engine thread only
+        threading.Thread(target=self._loop, name=f"sloserve-{role}", daemon=True).start()
+
+    # ---- called by the front end (Ray actor methods) -------------------------------------
+    def stats(self) -> InstanceStats:
+        return self._snapshot
+
+    def submit(self, request: Request) -> None:
+        self._inbox.put(("add", request))
+
+    def submit_prefilled(self, handoff: Handoff, kv) -> None:
+        """kv: the handoff's KV, resolved by Ray from the object store before this call."""
+        handoff.request.kv_transfer_time = time.time() - handoff.exported_at
+        handoff.kv = kv
+        self._inbox.put(("import", handoff))
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def poll(self, timeout: float = 0.05) -> PollResult:
+        """What happened since the last poll; waits up to `timeout` for something."""
+        with self._changed:
+            if not (self._result.outputs or self._result.handoffs or self._result.failures):
+                self._changed.wait(timeout)
+            result, self._result = self._result, PollResult()
+            result.stats = self._snapshot
+            return result
+
+    # ---- the engine thread ---------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            self._drain_inbox(block=not self.engine.has_unfinished() and not self._imports)
+            self._retry_imports()
+            self._snapshot = self._stats()
+            if not self.engine.has_unfinished():
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # a broken step fails its requests, not the instance
+                self._fail_all(f"engine step failed: {e}")
+                continue
+            handoffs = self._hand_off(outputs) if self.role == "prefill" else []
+            with self._changed:
+                self._result.outputs.extend(outputs)
+                self._result.handoffs.extend(handoffs)
+                self._changed.notify_all()
+
+    def _drain_inbox(self, block: bool) -> None:
+        while True:
+            try:
+                op, arg = self._inbox.get(timeout=0.1) if block else self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            if op == "add":
+                try:
+                    self.engine.submit(arg)
+                except ValueError as e:
+                    self._fail(arg.request_id, str(e))
+            elif op == "import":
+                self._imports.append(arg)
+            else:
+                self._imports = [h for h in self._imports if h.request.request_id != arg]
+                self.engine.abort(arg)
+
+    def _retry_imports(self) -> None:
+        while self._imports:
+            handoff = self._imports[0]
+            try:
+                if not self.engine.import_prefilled(handoff.request, handoff.kv):
+                    return  # first come, first served: wait for blocks
+            except ValueError as e:
+                self._fail(handoff.request.request_id, str(e))
+            self._imports.pop(0)
+
+    def _hand_off(self, outputs: list[RequestOutput]) -> list[Handoff]:
+        """Prefilled requests (first token out, not finished) leave for a decode instance."""
+        import ray
+
+        handoffs = []
+        for out in outputs:
+            request = self.engine.scheduler.get(out.request_id)
+            if out.finished or request is None or request.status != RequestStatus.RUNNING:
+                continue
+            kv = ray.put(self.engine.export_kv(request))
+            snapshot = Request(**{f: getattr(request, f) for f in (
+                "request_id", "prompt_token_ids", "sampling_params", "slo", "arrival_time",
+                "priority", "eos_token_id", "first_scheduled_time", "first_token_time",
+                "last_token_time", "num_computed_tokens")})
+            snapshot.output_token_ids = list(request.output_token_ids)
+            handoffs.append(Handoff(snapshot, kv, time.time()))
+            self.engine.abort(request.request_id)  # its blocks come back here
+        return handoffs
+
+    def _fail(self, request_id: str, message: str) -> None:
+        with self._changed:
+            self._result.failures.append((request_id, message))
+            self._changed.notify_all()
+
+    def _fail_all(self, message: str) -> None:
+        for request_id in self.engine.scheduler.unfinished_ids():
+            self.engine.abort(request_id)
+            self._fail(request_id, message)
+
+    def _stats(self) -> InstanceStats:
+        scheduler, blocks = self.engine.scheduler, self.engine.blocks
+        queued = sum(r.num_tokens - r.num_computed_tokens
+                     for r in (*scheduler.waiting, *scheduler.preempted))
+        tpots = [r.slo.tpot_ms / 1e3 for r in scheduler.running if r.slo.tpot_ms]
+        return InstanceStats(
+            role=self.role, queued_prompt_tokens=queued, num_running=len(scheduler.running),
+            num_waiting=len(scheduler.waiting) + len(scheduler.preempted) + len(self._imports),
+            free_blocks=blocks.num_free_blocks, num_blocks=blocks.num_blocks,
+            min_running_tpot_slo=min(tpots, default=None),
+            last_step_time=self.engine.last_step_time)
