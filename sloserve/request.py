@@ -140,6 +140,17 @@ class Request:
     finish_time: float | None = None
     kv_transfer_time: float | None = None  # disaggregated: prefill's KV export to import
 
+    def handoff_copy(self) -> Request:
+        """A prefilled request as a decode instance takes it over: tokens, timings and how
+        many tokens have KV; no blocks (they stay behind and are freed there)."""
+        copy = Request(self.request_id, self.prompt_token_ids, self.sampling_params, self.slo,
+                       self.arrival_time, self.priority, self.eos_token_id)
+        copy.output_token_ids = list(self.output_token_ids)
+        copy.num_computed_tokens = self.num_computed_tokens
+        for name in ("first_scheduled_time", "first_token_time", "last_token_time"):
+            setattr(copy, name, getattr(self, name))
+        return copy
+
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)

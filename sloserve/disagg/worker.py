@@ -145,12 +145,7 @@ class InstanceWorker:
             if out.finished or request is None or request.status != RequestStatus.RUNNING:
                 continue
             kv = ray.put(self.engine.export_kv(request))
-            snapshot = Request(**{f: getattr(request, f) for f in (
-                "request_id", "prompt_token_ids", "sampling_params", "slo", "arrival_time",
-                "priority", "eos_token_id", "first_scheduled_time", "first_token_time",
-                "last_token_time", "num_computed_tokens")})
-            snapshot.output_token_ids = list(request.output_token_ids)
-            handoffs.append(Handoff(snapshot, kv, time.time()))
+            handoffs.append(Handoff(request.handoff_copy(), kv, time.time()))
             self.engine.abort(request.request_id)  # its blocks come back here
         return handoffs
 

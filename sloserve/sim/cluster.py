@@ -8,6 +8,7 @@ free first. One instance and an engine stepping back to back make the same Plans
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,7 +43,9 @@ class InstanceConfig:
 
 class SimInstance:
     def __init__(self, scheduler: SchedulerConfig, config: InstanceConfig, latency,
-                 on_plan: Callable[[Plan], None] | None = None, fast_forward: bool = True):
+                 on_plan: Callable[[Plan], None] | None = None, fast_forward: bool = True,
+                 role: str = "colocated"):
+        self.role = role  # colocated | prefill | decode
         blocks = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(scheduler, blocks)
         self.latency = latency
@@ -101,13 +104,23 @@ def make_request(spec: RequestSpec, max_model_len: int) -> Request:
 
 
 class Cluster:
+    """Prompts go to the colocated or prefill instances through the router; a prefill
+    instance's request leaves after its first token, its KV arrives `transfer(request)`
+    seconds later at the decode instance with the most free blocks (as disagg/cluster.py)."""
+
     def __init__(self, instances: list[SimInstance], router: str = "round_robin",
-                 max_model_len: int = 1 << 20):
+                 max_model_len: int = 1 << 20,
+                 transfer: Callable[[Request], float] = lambda request: 0.0):
         if router not in ROUTERS:
             raise ValueError(f"unknown router {router!r}; choose one of {', '.join(ROUTERS)}")
         self.instances = instances
+        self.entry = [x for x in instances if x.role != "decode"]
+        self.decode = [x for x in instances if x.role == "decode"]
         self.route = ROUTERS[router]
         self.max_model_len = max_model_len
+        self.transfer = transfer
+        self._handoffs: list[tuple[float, int, Request]] = []  # heap: (KV arrives, seq, req)
+        self._seq = 0
 
     def run(self, specs: list[RequestSpec]) -> tuple[list[RequestRecord], float]:
         pending = sorted(specs, key=lambda s: s.arrival)
@@ -116,22 +129,45 @@ class Cluster:
         while True:
             busy = [x for x in self.instances if x.busy]
             next_arrival = pending[i].arrival if i < len(pending) else float("inf")
+            next_kv = self._handoffs[0][0] if self._handoffs else float("inf")
             first = min(busy, key=lambda x: x.clock) if busy else None
-            if first is None and i == len(pending):
+            if first is None and i == len(pending) and not self._handoffs:
                 break
-            if first is None or next_arrival <= first.clock:
+            first_clock = first.clock if first is not None else float("inf")
+            if next_kv <= min(next_arrival, first_clock):
+                self._import(*heapq.heappop(self._handoffs)[::2])
+                continue
+            if next_arrival <= first_clock:
                 self._dispatch(pending[i], i, records)
                 i += 1
                 continue
-            for request in first.step(next_arrival):
+            for request in first.step(min(next_arrival, next_kv)):
                 if request.is_finished:
                     records[request.request_id] = _record(request, records[request.request_id])
+                elif first.role == "prefill":
+                    self._hand_off(first, request)
             end = max(end, first.clock)
         return sorted(records.values(), key=lambda r: r.index), end
 
+    def _hand_off(self, source: SimInstance, request: Request) -> None:
+        copy = request.handoff_copy()
+        source.scheduler.abort(request.request_id, source.clock)  # frees its blocks there
+        copy.kv_transfer_time = self.transfer(copy)
+        self._seq += 1
+        heapq.heappush(self._handoffs, (source.clock + copy.kv_transfer_time, self._seq, copy))
+
+    def _import(self, ready: float, request: Request) -> None:
+        target = max(self.decode, key=lambda x: x.scheduler.blocks.num_free_blocks)
+        if not target.busy:
+            target.clock = max(target.clock, ready)
+        if not target.scheduler.add_prefilled(request, max(target.clock, ready)):
+            self._seq += 1  # no room yet: try again a little later
+            heapq.heappush(self._handoffs, (max(target.clock, ready) + IDLE_TICK_S, self._seq,
+                                            request))
+
     def _dispatch(self, spec: RequestSpec, i: int, records: dict[str, RequestRecord]) -> None:
         request = make_request(spec, self.max_model_len)
-        instance = self.route(self.instances, i)
+        instance = self.route(self.entry, i)
         if not instance.busy:
             instance.clock = max(instance.clock, spec.arrival)
         record = RequestRecord.start(spec.index, spec.slo_class, spec.slo, spec.arrival)

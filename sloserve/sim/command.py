@@ -26,6 +26,11 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-instances", type=int, default=1)
     p.add_argument("--router", default="round_robin", help="round_robin | least_loaded")
     p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--mode", choices=["colocated", "disagg"], default="colocated",
+                   help="disagg: instances [0, --partition-id) prefill, the rest decode")
+    p.add_argument("--partition-id", type=int, default=1)
+    p.add_argument("--transfer-gb-s", type=float, default=25.0,
+                   help="disagg: KV handoff bandwidth, GB/s")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-model-len", type=int, default=131072)
@@ -51,8 +56,14 @@ def deployment(args: argparse.Namespace) -> Deployment:
         raise BenchError(f"policy {args.policy}: {e}") from None
     if args.num_instances <= 0:
         raise BenchError("--num-instances must be positive")
-    return Deployment(args.latency_profile, args.gpu, args.model_shape, args.num_instances,
-                      args.router, scheduler, args.num_kv_blocks)
+    d = Deployment(args.latency_profile, args.gpu, args.model_shape, args.num_instances,
+                   args.router, scheduler, args.num_kv_blocks, mode=args.mode,
+                   partition_id=args.partition_id, transfer_gb_s=args.transfer_gb_s)
+    try:
+        d.roles()
+    except ValueError as e:
+        raise BenchError(str(e)) from None
+    return d
 
 
 def run_rate(d: Deployment, args: argparse.Namespace, rate: float | None

@@ -29,6 +29,23 @@ class Deployment:
     num_kv_blocks: int | None = None  # None: from the GPU's memory, or 1 GiB on the CPU
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
+    mode: str = "colocated"  # or disagg: instances [0, partition_id) prefill, the rest decode
+    partition_id: int = 1
+    transfer_gb_s: float = 25.0  # KV handoff bandwidth (GB/s), prefill to decode instance
+
+    def roles(self) -> list[str]:
+        if self.mode == "colocated":
+            return ["colocated"] * self.num_instances
+        if self.mode != "disagg":
+            raise ValueError("the simulator models --mode colocated and disagg")
+        if not 0 < self.partition_id < self.num_instances:
+            raise ValueError(f"--partition-id must be in [1, {self.num_instances - 1}]")
+        return ["prefill" if i < self.partition_id else "decode"
+                for i in range(self.num_instances)]
+
+    def kv_bytes_per_token(self) -> int:
+        return model_shape(self.model_shape).kv_bytes_per_token if self.gpu \
+            else CPU_KV_BYTES_PER_TOKEN
 
 
 def latency_model(d: Deployment) -> tuple[Any, int]:
@@ -65,9 +82,14 @@ def simulate(d: Deployment, specs: list[RequestSpec], on_plan=None
              ) -> tuple[list[RequestRecord], float]:
     latency, blocks = latency_model(d)
     instance = InstanceConfig(blocks, d.block_size)
-    instances = [SimInstance(d.scheduler, instance, latency, on_plan)
-                 for _ in range(d.num_instances)]
-    return Cluster(instances, d.router, d.scheduler.max_model_len).run(specs)
+    instances = [SimInstance(d.scheduler, instance, latency, on_plan, role=role)
+                 for role in d.roles()]
+    per_token = d.kv_bytes_per_token()
+
+    def transfer(request) -> float:
+        return request.num_computed_tokens * per_token / (d.transfer_gb_s * 1e9)
+
+    return Cluster(instances, d.router, d.scheduler.max_model_len, transfer).run(specs)
 
 
 def plan_log() -> tuple[list[tuple], Any]:

@@ -144,3 +144,29 @@ def test_sim_cli_sweep_and_goodput_search(tmp_path):
 def test_workload_reuses_mooncake_timestamps_in_laps():
     requests = build(load("mooncake"), 12100, with_text=False, time_scale=0.5)
     assert requests[12031].arrival > requests[12030].arrival > requests[0].arrival == 0.0
+
+
+def test_disaggregated_topology_hands_kv_over_after_the_first_token():
+    """1 prefill + 1 decode instance: every request gets its first token on the prefill side,
+    the rest on the decode side after the transfer time; blocks come back on both."""
+    roles = ["prefill", "decode"]
+    instances = [SimInstance(SchedulerConfig(), InstanceConfig(400), LATENCY, role=role)
+                 for role in roles]
+    decoded = []
+    add_prefilled = instances[1].scheduler.add_prefilled
+    instances[1].scheduler.add_prefilled = lambda r, now: (
+        decoded.append((r.request_id, r.num_output_tokens, r.num_computed_tokens)),
+        add_prefilled(r, now))[1]
+    transfer = 0.5  # seconds: large, so that it shows in every TPOT
+    records, _ = Cluster(instances, "round_robin", transfer=lambda r: transfer).run(specs(12))
+    assert all(r.ok for r in records)
+    multi = [s for s in specs(12) if s.max_tokens > 1]
+    assert sorted(d[0] for d in decoded) == sorted(f"sim-{s.index}" for s in multi)
+    assert all(out == 1 and computed == s.prompt_len
+               for (_, out, computed), s in zip(sorted(decoded), sorted(
+                   multi, key=lambda s: f"sim-{s.index}")))
+    by_index = {r.index: r for r in records}
+    # the second token waits for the KV: at least the transfer time after the first
+    assert all(by_index[s.index].e2e_ms - by_index[s.index].ttft_ms >= transfer * 1e3
+               for s in multi)
+    assert all(x.scheduler.blocks.num_used_blocks == 0 for x in instances)
