@@ -127,6 +127,12 @@ class RequestIntake:
         self.scheduler.check(request)
         return request
 
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
+                    slo: SLO | None = None, request_id: str | None = None,
+                    arrival_time: float | None = None, priority: int = 0) -> Request:
+        """Validate and queue a request; raises ValueError naming the bad field."""
+        return self.submit(self.make_request(prompt, params, slo, request_id, arrival_time,
+                                             priority))
 
 
 class LLMEngine(RequestIntake):
@@ -167,13 +173,6 @@ class LLMEngine(RequestIntake):
         self._detokenizers[request.request_id] = IncrementalDetokenizer(
             self.tokenizer, request.sampling_params.stop)
         return request
-
-    def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
-                    slo: SLO | None = None, request_id: str | None = None,
-                    arrival_time: float | None = None, priority: int = 0) -> Request:
-        """Validate and queue a request; raises ValueError naming the bad field."""
-        return self.submit(self.make_request(prompt, params, slo, request_id, arrival_time,
-                                             priority))
 
     # ---- disaggregation: hand a prefilled request's KV to another engine ---------------
     def export_kv(self, request: Request) -> torch.Tensor:

@@ -26,7 +26,8 @@ def run_engine(engine: LLMEngine, specs: list[RequestSpec], temperature: float =
         while i < len(pending) and pending[i].arrival <= now:
             spec = pending[i]
             rid = f"bench-{spec.index}"
-            prompt = [{"role": "user", "content": spec.text}] if spec.chat else spec.text
+            prompt = spec.extra.get("tokens") or (
+                [{"role": "user", "content": spec.text}] if spec.chat else spec.text)
             request = engine.add_request(prompt, SamplingParams(
                 max_tokens=spec.max_tokens, temperature=temperature, ignore_eos=ignore_eos),
                 spec.slo, rid,
@@ -39,6 +40,9 @@ def run_engine(engine: LLMEngine, specs: list[RequestSpec], temperature: float =
         if not engine.has_unfinished():
             time.sleep(max(0.0, pending[i].arrival - now))
             continue
+        for request_id, error in engine.take_failures():  # e.g. an instance died
+            records[request_id].error = str(error)
+            token_times.pop(request_id, None)
         for out in engine.step():
             t = time.monotonic() - start
             token_times[out.request_id].append(t)
@@ -47,6 +51,8 @@ def run_engine(engine: LLMEngine, specs: list[RequestSpec], temperature: float =
                 record.output_tokens = len(out.token_ids)
                 queued = out.timings["queueing_time"]
                 record.queue_ms = None if queued is None else queued * 1e3
+                transfer = out.timings.get("kv_transfer_time")
+                record.kv_transfer_ms = None if transfer is None else transfer * 1e3
                 record.finish(token_times.pop(out.request_id), t)
                 if on_finish:
                     on_finish()

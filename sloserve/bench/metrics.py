@@ -33,6 +33,7 @@ class RequestRecord:
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
     slo_deadline_ms: float | None = None
+    kv_transfer_ms: float | None = None  # disaggregated serving, when the server reports it
 
     @classmethod
     def start(cls, index: int, slo_class: str, slo: SLO, send_time: float) -> RequestRecord:

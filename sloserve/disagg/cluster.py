@@ -190,7 +190,9 @@ class ClusterEngine(RequestIntake):
 
         start = self.clock()
         by_ref = {i.poll: i for i in self.instances}
-        ready, _ = ray.wait(list(by_ref), num_returns=len(by_ref), timeout=timeout)
+        ready, rest = ray.wait(list(by_ref), num_returns=1, timeout=timeout)
+        if ready and rest:  # whatever else is ready too, without waiting for it
+            ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
         outputs: list[RequestOutput] = []
         for ref in ready:
             instance = by_ref[ref]

@@ -1,0 +1,110 @@
+"""Colocated vs disaggregated vs tropical on one GPU host, the simulator's prediction beside
+each measured point.
+
+Two instances of a Llama-3-8B-shaped model (dummy weights, bf16), one GPU each, as Ray
+actors: `colocated` (2 replicas), `disagg` (1 prefill + 1 decode), `tropical` (1 + 1, the
+decode instance may take prompts). Workloads: Mooncake and LongBench-like lengths (prompts
+capped at --max-prompt tokens to fit the 8k context), Poisson arrivals at each rate, random
+prompt tokens, EOS ignored. SLOs as the DistServe experiment: TTFT 5x the unloaded prefill time
+of the request's own prompt (from the latency profile), TPOT 100 ms. Per point: p90 TTFT,
+p90 TPOT, attainment, goodput per GPU, mean KV transfer time; the simulator runs the same
+requests on the same profile (tropical routing is not in the simulator: its row shows the
+disagg prediction). Results are saved after every point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import save  # noqa: E402
+
+from sloserve.bench import workload as workloads  # noqa: E402
+from sloserve.bench.local import run_engine  # noqa: E402
+from sloserve.bench.metrics import summarize  # noqa: E402
+from sloserve.core.latency import LatencyModel  # noqa: E402
+from sloserve.core.scheduler import SchedulerConfig  # noqa: E402
+from sloserve.disagg.cluster import ClusterConfig, ClusterEngine  # noqa: E402
+from sloserve.request import SLO  # noqa: E402
+from sloserve.sim.run import Deployment, simulate  # noqa: E402
+
+PROFILE = Path(__file__).resolve().parents[1] / "sloserve/core/profiles/gpu-h100-llama-3-8b.json"
+KV_BYTES_PER_TOKEN = 2 * 32 * 8 * 128 * 2  # Llama-3-8B, bf16
+
+
+def requests(name: str, n: int, rate: float, max_prompt: int, max_output: int,
+             latency: LatencyModel, vocab: int) -> list:
+    specs = workloads.build(workloads.load(name), n, seed=1, with_text=False, rate=rate)
+    rng = random.Random(0)
+    for spec in specs:
+        spec.prompt_len = min(spec.prompt_len, max_prompt)
+        spec.max_tokens = max(2, min(spec.max_tokens, max_output))
+        spec.extra["tokens"] = [rng.randrange(100, vocab - 100) for _ in range(spec.prompt_len)]
+        spec.slo = SLO(ttft_ms=5e3 * latency.prefill_time(spec.prompt_len), tpot_ms=100)
+    return specs
+
+
+def point(summary: dict, gpus: int) -> dict:
+    return {"attainment": summary["slo_attainment"],
+            "goodput_per_gpu": round(summary["goodput"] / gpus, 3),
+            "p90_ttft_ms": summary["ttft_ms"]["p90"], "p90_tpot_ms": summary["tpot_ms"]["p90"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="dummy:llama-3-8b")
+    parser.add_argument("--modes", default="colocated,disagg,tropical")
+    parser.add_argument("--workloads", default="longbench,mooncake")
+    parser.add_argument("--rates", default="1,2")
+    parser.add_argument("--num-requests", type=int, default=40)
+    parser.add_argument("--max-prompt", type=int, default=6000)
+    parser.add_argument("--max-output", type=int, default=256)
+    args = parser.parse_args()
+    latency = LatencyModel.from_file(PROFILE)
+    engine_kwargs = dict(model=args.model, max_model_len=8192,
+                         enable_prefix_caching=False, policy="chunked",
+                         max_num_batched_tokens=4096, gpu_memory_utilization=0.85)
+    results = {"profile": PROFILE.name, "engine": engine_kwargs, "points": []}
+    for mode in args.modes.split(","):
+        cluster = ClusterEngine(ClusterConfig(mode=mode, replica_spec=((1, 1), (1, 1)),
+                                              partition_id=1, engine_kwargs=engine_kwargs,
+                                              latency_profile=str(PROFILE)))
+        blocks = cluster.instances[0].stats.num_blocks
+        for name in args.workloads.split(","):
+            for rate in (float(r) for r in args.rates.split(",")):
+                specs = requests(name, args.num_requests, rate, args.max_prompt,
+                                 args.max_output, latency, cluster.model_config.vocab_size)
+                records, duration = run_engine(cluster, specs, ignore_eos=True)
+                measured = point(summarize(records, duration), 2)
+                transfers = [r for r in records if r.kv_transfer_ms is not None]
+                mean_transfer = (sum(r.kv_transfer_ms for r in transfers) / len(transfers)
+                                 if transfers else None)
+                gb_s = (sum(r.prompt_tokens for r in transfers) * KV_BYTES_PER_TOKEN / 1e9
+                        / (sum(r.kv_transfer_ms for r in transfers) / 1e3)) if transfers else 25
+                sim_d = Deployment(latency_profile=str(PROFILE), num_instances=2,
+                                   router="least_loaded",
+                                   mode="colocated" if mode == "colocated" else "disagg",
+                                   scheduler=SchedulerConfig(256, 4096, 8192, "chunked"),
+                                   num_kv_blocks=blocks, transfer_gb_s=gb_s)
+                sim_records, sim_duration = simulate(sim_d, specs)
+                row = {"mode": mode, "workload": name, "rate": rate,
+                       "measured": measured, "simulated": point(
+                           summarize(sim_records, sim_duration), 2),
+                       "mean_kv_transfer_ms": mean_transfer,
+                       "errors": sum(1 for r in records if r.error)}
+                results["points"].append(row)
+                print(row, flush=True)
+                save("disagg_compare", results)
+        cluster.shutdown()
+        del cluster
+        gc.collect()
+        time.sleep(3)  # the actors' GPUs are released
+
+
+if __name__ == "__main__":
+    main()
