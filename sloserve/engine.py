@@ -176,9 +176,10 @@ class LLMEngine(RequestIntake):
 
     # ---- disaggregation: hand a prefilled request's KV to another engine ---------------
     def export_kv(self, request: Request) -> torch.Tensor:
-        """KV of the tokens the request has computed, on the CPU (one tensor, every layer)."""
+        """A copy of the KV of the tokens the request has computed (one tensor, every layer,
+        on the engine's device): the request's blocks can be freed right after."""
         blocks = request.block_ids[: self.blocks.blocks_for(request.num_computed_tokens)]
-        return self.runner.read_blocks(blocks).cpu()
+        return self.runner.read_blocks(blocks)
 
     def import_prefilled(self, request: Request, kv: torch.Tensor) -> bool:
         """Continue a request another engine prefilled (its first token sampled there) with

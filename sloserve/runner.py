@@ -108,6 +108,8 @@ class ModelRunner:
     def write_blocks(self, block_ids: list[int], kv: torch.Tensor) -> None:
         index = torch.tensor(block_ids, device=self.device)
         kv = kv.to(self.device, self.dtype)
+        if kv.is_cuda:  # staged on a side stream: keep its memory until this stream is done
+            kv.record_stream(torch.cuda.current_stream(self.device))
         for cache, layer in zip(self.kv_caches, kv):
             cache[:, index] = layer
 

@@ -92,6 +92,14 @@ class LatencyModel:
     def prefill_time(self, tokens: int) -> float:
         return _interp(self.prefill_tokens, self.prefill_s, tokens)
 
+    @property
+    def _prefill_slope(self) -> float:
+        """Seconds per prompt token between the two longest profiled prefills."""
+        if len(self.prefill_tokens) < 2:
+            return float("inf")
+        (t0, t1), (s0, s1) = self.prefill_tokens[-2:], self.prefill_s[-2:]
+        return (s1 - s0) / (t1 - t0)
+
     def decode_step_time(self, batch: int, total_context: int) -> float:
         """A decode-only step of `batch` requests attending to `total_context` tokens."""
         extra = total_context - batch * self.decode_context
@@ -111,7 +119,11 @@ class LatencyModel:
             return self.prefill_time(prompt_tokens)
         time = self.decode_step_time(decodes, context)
         if prompt_tokens and self.mixed_batch:  # measured: what a prompt token adds here
-            time += prompt_tokens * _clamped(self.mixed_batch, self.mixed_s_per_token, decodes)
+            per_token = _clamped(self.mixed_batch, self.mixed_s_per_token, decodes)
+            # ...but never more than a token of a long prefill: on a GPU the mixed-step
+            # measurement (few prompt tokens, an eager step next to graph-replayed decodes)
+            # spreads a fixed launch cost over its tokens, 10x the real per-token cost.
+            time += prompt_tokens * min(per_token, self._prefill_slope)
         elif prompt_tokens:
             time += max(0.0, self.prefill_time(prompt_tokens) - self.decode_time(1))
         return time

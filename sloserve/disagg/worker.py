@@ -12,13 +12,51 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from sloserve.engine import EngineConfig, LLMEngine, RequestOutput
 from sloserve.request import Request, RequestStatus
 
 ROLES = ("prefill", "decode", "colocated")
+
+
+class KVMover:
+    """Moves handed-off KV between a GPU and the host on a side stream, so the copies never
+    queue behind (or hold up) the engine's own kernels. On the CPU it only copies."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def snapshot(self, kv: torch.Tensor):
+        """Called on the engine thread right after kv was produced: an event marking it."""
+        if self.stream is None:
+            return kv, None
+        ready = torch.cuda.Event()
+        ready.record()
+        return kv, ready
+
+    def to_host(self, kv: torch.Tensor, ready) -> torch.Tensor:
+        if self.stream is None:
+            return kv
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(ready)
+            host = torch.empty(kv.shape, dtype=kv.dtype, pin_memory=True)
+            host.copy_(kv, non_blocking=True)
+            self.stream.synchronize()
+        return host
+
+    def to_device(self, kv: torch.Tensor) -> torch.Tensor:
+        if self.stream is None:
+            return kv
+        with torch.cuda.stream(self.stream):
+            staged = kv.to(self.device, non_blocking=True)
+            self.stream.synchronize()
+        return staged
 
 
 @dataclass
@@ -61,6 +99,9 @@ class InstanceWorker:
         self._changed = threading.Condition()
         self._imports: list[Handoff] = []  # KV that arrived before blocks were free
         self._snapshot = self._stats()  # written by the engine thread only
+        self._mover = KVMover(self.engine.runner.device)
+        # device -> host -> object store, off the engine thread; one at a time, in order
+        self._exporter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-export")
         threading.Thread(target=self._loop, name=f"sloserve-{role}", daemon=True).start()
 
     # ---- called by the front end (Ray actor methods) -------------------------------------
@@ -71,9 +112,10 @@ class InstanceWorker:
         self._inbox.put(("add", request))
 
     def submit_prefilled(self, handoff: Handoff, kv) -> None:
-        """kv: the handoff's KV, resolved by Ray from the object store before this call."""
+        """kv: the handoff's KV, resolved by Ray from the object store before this call. It
+        is staged on this instance's device here, off the engine thread."""
+        handoff.kv = self._mover.to_device(kv)
         handoff.request.kv_transfer_time = time.time() - handoff.exported_at
-        handoff.kv = kv
         self._inbox.put(("import", handoff))
 
     def abort(self, request_id: str) -> None:
@@ -101,11 +143,11 @@ class InstanceWorker:
             except Exception as e:  # a broken step fails its requests, not the instance
                 self._fail_all(f"engine step failed: {e}")
                 continue
-            handoffs = self._hand_off(outputs) if self.role == "prefill" else []
-            with self._changed:
+            with self._changed:  # the first token goes out before its handoff does
                 self._result.outputs.extend(outputs)
-                self._result.handoffs.extend(handoffs)
                 self._changed.notify_all()
+            if self.role == "prefill":
+                self._hand_off(outputs)
 
     def _drain_inbox(self, block: bool) -> None:
         while True:
@@ -135,19 +177,31 @@ class InstanceWorker:
                 self._fail(handoff.request.request_id, str(e))
             self._imports.pop(0)
 
-    def _hand_off(self, outputs: list[RequestOutput]) -> list[Handoff]:
-        """Prefilled requests (first token out, not finished) leave for a decode instance."""
-        import ray
-
-        handoffs = []
+    def _hand_off(self, outputs: list[RequestOutput]) -> None:
+        """Prefilled requests (first token out, not finished) leave for a decode instance:
+        their KV is copied on the device and their blocks freed at once; the copy to the
+        object store runs on the exporter thread (a side stream on a GPU)."""
         for out in outputs:
             request = self.engine.scheduler.get(out.request_id)
             if out.finished or request is None or request.status != RequestStatus.RUNNING:
                 continue
-            kv = ray.put(self.engine.export_kv(request))
-            handoffs.append(Handoff(request.handoff_copy(), kv, time.time()))
+            kv, ready = self._mover.snapshot(self.engine.export_kv(request))
+            started = time.time()
+            handoff = request.handoff_copy()
             self.engine.abort(request.request_id)  # its blocks come back here
-        return handoffs
+            self._exporter.submit(self._export, handoff, kv, ready, started)
+
+    def _export(self, request: Request, kv, ready, started: float) -> None:
+        import ray
+
+        try:
+            ref = ray.put(self._mover.to_host(kv, ready))
+        except Exception as e:  # the request cannot move on: tell the front end
+            self._fail(request.request_id, f"KV export failed: {e}")
+            return
+        with self._changed:
+            self._result.handoffs.append(Handoff(request, ref, started))
+            self._changed.notify_all()
 
     def _fail(self, request_id: str, message: str) -> None:
         with self._changed:
