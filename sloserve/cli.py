@@ -25,6 +25,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="on a GPU: share of its memory for weights, KV cache and activations")
     p.add_argument("--attention-backend", choices=["auto", "torch", "triton"], default="auto")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="shard the model over this many processes (GPUs on CUDA)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -80,6 +82,7 @@ def engine_config(args: argparse.Namespace):
                         gpu_memory_utilization=args.gpu_memory_utilization,
                         attention_backend=args.attention_backend,
                         enforce_eager=args.enforce_eager,
+                        tensor_parallel_size=args.tensor_parallel_size,
                         max_model_len=args.max_model_len,
                         enable_prefix_caching=not args.no_prefix_caching, scheduler=scheduler)
 
@@ -123,6 +126,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         serve(engine, config)
     except OSError as e:
         raise CLIError(str(e)) from None
+    finally:
+        engine.shutdown()  # tensor-parallel ranks, Ray actors
 
 
 def cluster_engine(args: argparse.Namespace):

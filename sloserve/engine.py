@@ -33,6 +33,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # on GPU: share of its memory for weights + KV + steps
     attention_backend: str = "auto"  # auto: Triton kernels on CUDA, pure torch elsewhere
     enforce_eager: bool = False  # on CUDA: no graphs for decode steps
+    tensor_parallel_size: int = 1  # ranks (processes, one GPU each on CUDA) of this engine
     max_model_len: int | None = None  # None: the model's own context
     enable_prefix_caching: bool = True
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -138,34 +139,37 @@ class RequestIntake:
 class LLMEngine(RequestIntake):
     def __init__(self, config: EngineConfig):
         self.config = config
-        loaded = loader.load(config.model, config.torch_dtype, config.torch_device,
-                             config.block_size, config.attention_backend)
+        size = config.tensor_parallel_size
+        self.ranks = None
+        if size > 1:
+            from sloserve.model.tensor_parallel import TensorParallelRanks, init_group
+            self.ranks = TensorParallelRanks(config, size)
+            init_group(0, size, self.ranks.port, config.torch_device)
+        model, num_blocks, loaded = build_model_and_blocks(config, 0, size)
         self.model_name, self.model_config, self.tokenizer = (
             loaded.name, loaded.config, loaded.tokenizer)
         self.max_model_len = min(config.max_model_len or loaded.config.max_position_embeddings,
                                  loaded.config.max_position_embeddings)
-        num_blocks = config.num_kv_blocks or self._blocks_from_memory(loaded.model)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         scheduler_config = dataclasses.replace(config.scheduler, max_model_len=self.max_model_len)
         self.scheduler = Scheduler(scheduler_config, self.blocks)
+        # CUDA graphs are single-rank for now: NCCL inside captured graphs is not wired up
         graphs = (config.torch_device.type == "cuda" and not config.enforce_eager
-                  and config.attention_backend != "torch")
-        self.runner = ModelRunner(loaded.model, num_blocks, config.block_size,
+                  and config.attention_backend != "torch" and size == 1)
+        self.runner = ModelRunner(model, num_blocks, config.block_size,
                                   cuda_graph_max_batch=scheduler_config.max_num_seqs * graphs)
+        self.runner.ranks = self.ranks
         self.eos_token_id = eos_token_id(self.tokenizer, self.model_config)
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
         self.clock: Callable[[], float] = time.monotonic
         self.last_step_time = 0.0
 
-    def _blocks_from_memory(self, model: torch.nn.Module) -> int:
-        if self.config.torch_device.type == "cuda":
-            s = self.config.scheduler
-            return kv_blocks_for_gpu(model, self.config.block_size, s.max_num_batched_tokens,
-                                     s.max_num_seqs, self.config.gpu_memory_utilization)
-        per_token = self.model_config.kv_bytes_per_token(self.config.torch_dtype.itemsize)
-        tokens = int(self.config.kv_cache_memory_gb * 2**30) // per_token
-        return max(1, tokens // self.config.block_size)
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do with one)."""
+        if self.ranks is not None:
+            self.ranks.shutdown()
+            self.ranks = None
 
     def submit(self, request: Request) -> Request:
         """Queue a request built by make_request."""
@@ -179,14 +183,14 @@ class LLMEngine(RequestIntake):
         """A copy of the KV of the tokens the request has computed (one tensor, every layer,
         on the engine's device): the request's blocks can be freed right after."""
         blocks = request.block_ids[: self.blocks.blocks_for(request.num_computed_tokens)]
-        return self.runner.read_blocks(blocks)
+        return self.runner.export_blocks(blocks)
 
     def import_prefilled(self, request: Request, kv: torch.Tensor) -> bool:
         """Continue a request another engine prefilled (its first token sampled there) with
         that engine's KV. False when this engine has no room for it yet."""
         if not self.scheduler.add_prefilled(request, self.clock()):
             return False
-        self.runner.write_blocks(request.block_ids[: kv.shape[2]], kv)
+        self.runner.import_blocks(request.block_ids[: kv.shape[2]], kv)
         detok = IncrementalDetokenizer(self.tokenizer, request.sampling_params.stop)
         detok.push(request.output_token_ids)  # the text the client already has
         self._detokenizers[request.request_id] = detok
@@ -232,6 +236,29 @@ class LLMEngine(RequestIntake):
     def _forget(self, request: Request) -> None:
         self._detokenizers.pop(request.request_id, None)
         self.runner.release(request.request_id)
+
+
+def build_model_and_blocks(config: EngineConfig, rank: int, size: int):
+    """Load this rank's model and size its KV cache (every rank runs this, in step: the GPU
+    sizing runs a forward, which all-reduces across the ranks). Returns the model, the number
+    of blocks all ranks agree on, and the loader's result (tokenizer, full config)."""
+    loaded = loader.load(config.model, config.torch_dtype, config.torch_device,
+                         config.block_size, config.attention_backend, rank, size)
+    model = loaded.model
+    if config.num_kv_blocks:
+        num_blocks = config.num_kv_blocks
+    elif config.torch_device.type == "cuda":
+        s = config.scheduler
+        num_blocks = kv_blocks_for_gpu(model, config.block_size, s.max_num_batched_tokens,
+                                       s.max_num_seqs, config.gpu_memory_utilization)
+    else:  # the shard's own KV heads
+        per_token = model.config.kv_bytes_per_token(config.torch_dtype.itemsize)
+        tokens = int(config.kv_cache_memory_gb * 2**30) // per_token
+        num_blocks = max(1, tokens // config.block_size)
+    if size > 1:
+        from sloserve.model.tensor_parallel import agree_on_blocks
+        num_blocks = agree_on_blocks(num_blocks, config.torch_device)
+    return model, num_blocks, loaded
 
 
 def eos_token_id(tokenizer: Any, model_config: Any) -> int | None:

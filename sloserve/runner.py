@@ -37,6 +37,7 @@ class ModelRunner:
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                           for _ in range(c.num_layers)]
         self.sampler = Sampler(self.device)
+        self.ranks = None  # TensorParallelRanks when this is rank 0 of several
         self.graphs = None
         if cuda_graph_max_batch and self.device.type == "cuda":
             from sloserve.model.cuda_graphs import DecodeGraphs
@@ -52,18 +53,20 @@ class ModelRunner:
         chunks = decodes + prefills
         step = self._step_inputs(decodes, prefills)
         sampling = [i for i, c in enumerate(chunks) if c.sample]
+        if self.ranks is not None:  # tensor parallel: the other ranks run the same step
+            self.ranks.broadcast(("step", step))
         if self.graphs is not None and not prefills and self.graphs.fits(len(decodes)):
             logits = self.graphs.run(step)[sampling]
         else:
             ends = torch.tensor(step.query_lens).cumsum(0) - 1
-            logits = self._forward(step, ends[sampling].to(self.device))
+            logits = self.forward(step, ends[sampling].to(self.device))
         if not sampling:
             return {}
         requests = [chunks[i].request for i in sampling]
         tokens = self.sampler(logits, requests)
         return {r.request_id: t for r, t in zip(requests, tokens)}
 
-    def _forward(self, step: StepInputs, logits_indices: torch.Tensor) -> torch.Tensor:
+    def forward(self, step: StepInputs, logits_indices: torch.Tensor) -> torch.Tensor:
         to = self.device
         i32 = dict(dtype=torch.int32, device=to)
         query_start = [0]
@@ -112,6 +115,31 @@ class ModelRunner:
             kv.record_stream(torch.cuda.current_stream(self.device))
         for cache, layer in zip(self.kv_caches, kv):
             cache[:, index] = layer
+
+    def export_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """read_blocks with every KV head: tensor-parallel ranks send rank 0 their heads."""
+        local = self.read_blocks(block_ids)
+        if self.ranks is None:
+            return local
+        import torch.distributed as dist
+
+        self.ranks.broadcast(("read_kv", block_ids))
+        shards = [torch.empty_like(local) for _ in range(self.ranks.size)]
+        dist.gather(local, shards, dst=0)
+        return torch.cat(shards, dim=4)  # [layers, 2, blocks, block_size, kv_heads, dim]
+
+    def import_blocks(self, block_ids: list[int], kv: torch.Tensor) -> None:
+        """write_blocks from every KV head: rank i gets the i-th slice of the heads."""
+        if self.ranks is None:
+            return self.write_blocks(block_ids, kv)
+        import torch.distributed as dist
+
+        shards = [c.contiguous() for c in kv.to(self.device, self.dtype)
+                  .chunk(self.ranks.size, dim=4)]
+        self.ranks.broadcast(("write_kv", block_ids, tuple(shards[0].shape)))
+        mine = torch.empty_like(shards[0])
+        dist.scatter(mine, shards, src=0)
+        self.write_blocks(block_ids, mine)
 
     def release(self, request_id: str) -> None:
         self.sampler.release(request_id)

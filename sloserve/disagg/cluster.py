@@ -39,9 +39,8 @@ def parse_replica_spec(items: list[str]) -> list[tuple[int, int]]:
             raise ValueError(f"--replica-spec entries are 'tp,pp', got {item!r}") from None
         if pp != 1:
             raise ValueError(f"pipeline parallelism is not supported (pp={pp} in {item!r})")
-        if tp != 1:
-            raise ValueError(f"tp={tp} in {item!r}: tensor parallelism is not built yet; "
-                             "use tp=1")
+        if tp < 1:
+            raise ValueError(f"tp must be positive, got {item!r}")
         spec.append((tp, pp))
     if not spec:
         raise ValueError("--replica-spec needs at least one instance")
@@ -147,16 +146,18 @@ class ClusterEngine(RequestIntake):
         self.last_step_time = 0.0
 
     def _start_instances(self, ray) -> list[Instance]:
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) else 0
-        actor_class = ray.remote(InstanceWorker).options(
-            num_cpus=1, num_gpus=gpus, max_restarts=-1, max_task_retries=0,
-            max_concurrency=4)
+        has_gpus = bool(ray.cluster_resources().get("GPU", 0))
         instances = []
         for index, role in enumerate(self.config.roles()):
+            tp = self.config.replica_spec[index][0]
             kwargs = {**self.config.engine_kwargs,
                       **{"prefill": self.config.prefill_kwargs,
-                         "decode": self.config.decode_kwargs}.get(role, {})}
-            instances.append(Instance(index, role, actor_class.remote(role, kwargs), None))
+                         "decode": self.config.decode_kwargs}.get(role, {}),
+                      "tensor_parallel_size": tp}
+            actor = ray.remote(InstanceWorker).options(  # tp ranks: the actor + tp-1 children
+                num_cpus=1, num_gpus=tp if has_gpus else 0, max_restarts=-1,
+                max_task_retries=0, max_concurrency=4).remote(role, kwargs)
+            instances.append(Instance(index, role, actor, None))
         for instance in instances:  # fails here, with the instance's error, if one cannot load
             instance.stats = ray.get(instance.actor.stats.remote())
             instance.poll = instance.actor.poll.remote()

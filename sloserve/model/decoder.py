@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -88,6 +89,8 @@ class Rotary(nn.Module):
 
 
 class Attention(nn.Module):
+    all_reduce = False  # True on a tensor-parallel shard
+
     def __init__(self, config: ModelConfig, backend: AttentionBackend):
         super().__init__()
         self.heads, self.kv_heads, self.dim = config.num_heads, config.num_kv_heads, config.head_dim
@@ -103,11 +106,16 @@ class Attention(nn.Module):
         qk = rotary(positions, qkv[:, : self.heads + self.kv_heads])  # q and k in one pass
         q, k = qk.split([self.heads, self.kv_heads], dim=1)
         v = qkv[:, self.heads + self.kv_heads:]
-        out = self.backend.forward(q, k, v, cache, meta, self.scale)
-        return self.o_proj(out.reshape(-1, self.heads * self.dim))
+        out = self.o_proj(self.backend.forward(q, k, v, cache, meta, self.scale)
+                          .reshape(-1, self.heads * self.dim))
+        if self.all_reduce:  # tensor parallel: each rank summed over its own heads
+            dist.all_reduce(out)
+        return out
 
 
 class MLP(nn.Module):
+    all_reduce = False  # True on a tensor-parallel shard
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
@@ -115,7 +123,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        out = self.down_proj(F.silu(gate) * up)
+        if self.all_reduce:  # tensor parallel: each rank summed over its own columns
+            dist.all_reduce(out)
+        return out
 
 
 class DecoderLayer(nn.Module):

@@ -103,16 +103,21 @@ def resolve(spec: str | None) -> tuple[str, Path | None, dict | None]:
 
 
 def load(spec: str | None, dtype: torch.dtype, device: torch.device,
-         block_size: int, attention_backend: str = "auto") -> LoadedModel:
+         block_size: int, attention_backend: str = "auto", tp_rank: int = 0,
+         tp_size: int = 1) -> LoadedModel:
+    """The model (this rank's shard of it when tp_size > 1) with the full model's config."""
     name, folder, dummy = resolve(spec)
     hf_config = dummy if dummy is not None else json.loads((folder / "config.json").read_text())
     config = ModelConfig.from_hf(hf_config)
-    model = _empty_model(config, dtype, device, make_backend(attention_backend, device,
+    model = empty_model(config, dtype, device, make_backend(attention_backend, device,
                                                              block_size))
     if dummy is not None:
         _init_dummy(model)
     else:
         model.load_state_dict(_read_weights(folder, config, dtype, device))
+    if tp_size > 1:
+        from sloserve.model.tensor_parallel import shard_model
+        model = shard_model(model, tp_rank, tp_size)
     if device.type == "cpu":
         tune_for_cpu(model)
     return LoadedModel(model.eval(), config, _tokenizer(folder), name)
@@ -133,7 +138,7 @@ def _tokenizer(folder: Path | None):
     return AutoTokenizer.from_pretrained(folder)
 
 
-def _empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device,
+def empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device,
                  backend: AttentionBackend) -> DecoderLM:
     with torch.device("meta"):
         model = DecoderLM(config, backend)

@@ -16,13 +16,18 @@ from sloserve.disagg.cluster import ClusterConfig, ClusterEngine  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def local_ray():
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster(local_ray):
     engine = ClusterEngine(ClusterConfig(mode="disagg", replica_spec=((1, 1), (1, 1)),
                                          partition_id=1, engine_kwargs={"num_kv_blocks": 256}))
     yield engine
     engine.shutdown()
-    ray.shutdown()
 
 
 def drive(cluster: ClusterEngine, requests, until=None, timeout: float = 180.0):
@@ -83,3 +88,24 @@ def test_killed_decode_instance_fails_its_requests_and_comes_back(cluster):
     tokens, errors = drive(cluster, [later])
     assert not errors and len(tokens[later.request_id]) == 8
     wait_for_idle_blocks(cluster)
+
+
+def test_tensor_parallel_instances_hand_kv_over_rank_to_rank(local_ray):
+    """tp=2 prefill and tp=2 decode instances (2 processes each): rank i's KV heads reach
+    rank i on the other side, and the tokens equal one unsharded engine's."""
+    from sloserve import LLM
+
+    options = dict(model="dummy:qwen2-tiny", num_kv_blocks=64)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    prompts = [[(11 * i + j) % 3000 + 7 for j in range(5 + 23 * i)] for i in range(4)]
+    expected = [r.token_ids for r in LLM(**options).generate(prompts, params)]
+    tp_cluster = ClusterEngine(ClusterConfig(mode="disagg", replica_spec=((2, 1), (2, 1)),
+                                             partition_id=1, engine_kwargs=options))
+    try:
+        requests = [tp_cluster.make_request(p, params) for p in prompts]
+        tokens, errors = drive(tp_cluster, requests)
+        assert not errors
+        assert [tokens[r.request_id] for r in requests] == expected
+        wait_for_idle_blocks(tp_cluster)
+    finally:
+        tp_cluster.shutdown()

@@ -44,7 +44,7 @@ def _greedy(n: int):
 
 
 @pytest.mark.parametrize("args,words", [
-    (["--replica-spec", "2,1", "1,1"], "tensor parallelism"),
+    (["--replica-spec", "0,1", "1,1"], "tp must be positive"),
     (["--replica-spec", "1,2", "1,1"], "pipeline parallelism"),
     (["--replica-spec", "1,1", "1,1", "--partition-id", "2"], "--partition-id"),
 ])

@@ -144,7 +144,7 @@ def test_gpu_bfloat16_model_logits_close_to_torch_backend():
         request.block_ids = list(range(19))
         runner = llm.engine.runner
         step = runner._step_inputs([], [ScheduledChunk(request, 0, 300, True)])
-        logits[backend] = runner._forward(step, torch.tensor([299], device=DEVICE))
+        logits[backend] = runner.forward(step, torch.tensor([299], device=DEVICE))
         del llm, runner
         free_gpu_memory()
     diff = (logits["triton"] - logits["torch"]).abs().max().item()
