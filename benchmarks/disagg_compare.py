@@ -1,11 +1,12 @@
 """Colocated vs disaggregated vs tropical on one GPU host, the simulator's prediction beside
 each measured point.
 
-Two instances of a Llama-3-8B-shaped model (dummy weights, bf16), one GPU each, as Ray
-actors: `colocated` (2 replicas), `disagg` (1 prefill + 1 decode), `tropical` (1 + 1, the
-decode instance may take prompts). Workloads: Mooncake and LongBench-like lengths (prompts
-capped at --max-prompt tokens to fit the 8k context), Poisson arrivals at each rate, random
-prompt tokens, EOS ignored. SLOs as the DistServe experiment: TTFT 5x the unloaded prefill time
+Instances of a Llama-3-8B-shaped model (dummy weights, bf16) as Ray actors, `--replica-spec`
+giving each one's tensor-parallel size (default two instances of one GPU): `colocated`
+(replicas), `disagg` (instances before --partition-id prefill, the rest decode), `tropical`
+(disagg, and decode instances may take prompts). The simulator models tp=1 instances only.
+Workloads: Mooncake and LongBench-like lengths (prompts capped at --max-prompt tokens to fit the
+8k context), Poisson arrivals at each rate, random prompt tokens, EOS ignored. SLOs as the DistServe experiment: TTFT 5x the unloaded prefill time
 of the request's own prompt (from the latency profile), TPOT 100 ms. Per point: p90 TTFT,
 p90 TPOT, attainment, goodput per GPU, mean KV transfer time; the simulator runs the same
 requests on the same profile (tropical routing is not in the simulator: its row shows the
@@ -29,7 +30,11 @@ from sloserve.bench.local import run_engine  # noqa: E402
 from sloserve.bench.metrics import summarize  # noqa: E402
 from sloserve.core.latency import LatencyModel  # noqa: E402
 from sloserve.core.scheduler import SchedulerConfig  # noqa: E402
-from sloserve.disagg.cluster import ClusterConfig, ClusterEngine  # noqa: E402
+from sloserve.disagg.cluster import (  # noqa: E402
+    ClusterConfig,
+    ClusterEngine,
+    parse_replica_spec,
+)
 from sloserve.request import SLO  # noqa: E402
 from sloserve.sim.run import Deployment, simulate  # noqa: E402
 
@@ -59,6 +64,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="dummy:llama-3-8b")
     parser.add_argument("--modes", default="colocated,disagg,tropical")
+    parser.add_argument("--replica-spec", nargs="+", default=["1,1", "1,1"], metavar="TP,PP",
+                        help="e.g. 2,1 2,1 with --partition-id 1 on four GPUs")
+    parser.add_argument("--partition-id", type=int, default=1)
     parser.add_argument("--workloads", default="longbench,mooncake")
     parser.add_argument("--rates", default="1,2")
     parser.add_argument("--num-requests", type=int, default=40)
@@ -70,9 +78,12 @@ def main() -> None:
                          enable_prefix_caching=False, policy="chunked",
                          max_num_batched_tokens=4096, gpu_memory_utilization=0.85)
     results = {"profile": PROFILE.name, "engine": engine_kwargs, "points": []}
+    spec = tuple(parse_replica_spec(args.replica_spec))
+    gpus = sum(tp for tp, _ in spec)
     for mode in args.modes.split(","):
-        cluster = ClusterEngine(ClusterConfig(mode=mode, replica_spec=((1, 1), (1, 1)),
-                                              partition_id=1, engine_kwargs=engine_kwargs,
+        cluster = ClusterEngine(ClusterConfig(mode=mode, replica_spec=spec,
+                                              partition_id=args.partition_id,
+                                              engine_kwargs=engine_kwargs,
                                               latency_profile=str(PROFILE)))
         blocks = cluster.instances[0].stats.num_blocks
         for name in args.workloads.split(","):
@@ -80,21 +91,23 @@ def main() -> None:
                 specs = requests(name, args.num_requests, rate, args.max_prompt,
                                  args.max_output, latency, cluster.model_config.vocab_size)
                 records, duration = run_engine(cluster, specs, ignore_eos=True)
-                measured = point(summarize(records, duration), 2)
+                measured = point(summarize(records, duration), gpus)
                 transfers = [r for r in records if r.kv_transfer_ms is not None]
                 mean_transfer = (sum(r.kv_transfer_ms for r in transfers) / len(transfers)
                                  if transfers else None)
                 gb_s = (sum(r.prompt_tokens for r in transfers) * KV_BYTES_PER_TOKEN / 1e9
                         / (sum(r.kv_transfer_ms for r in transfers) / 1e3)) if transfers else 25
-                sim_d = Deployment(latency_profile=str(PROFILE), num_instances=2,
+                sim_d = Deployment(latency_profile=str(PROFILE), num_instances=len(spec),
+                                   partition_id=args.partition_id,
                                    router="least_loaded",
                                    mode="colocated" if mode == "colocated" else "disagg",
                                    scheduler=SchedulerConfig(256, 4096, 8192, "chunked"),
                                    num_kv_blocks=blocks, transfer_gb_s=gb_s)
                 sim_records, sim_duration = simulate(sim_d, specs)
                 row = {"mode": mode, "workload": name, "rate": rate,
+                       "replica_spec": args.replica_spec, "gpus": gpus,
                        "measured": measured, "simulated": point(
-                           summarize(sim_records, sim_duration), 2),
+                           summarize(sim_records, sim_duration), gpus),
                        "mean_kv_transfer_ms": mean_transfer,
                        "errors": sum(1 for r in records if r.error)}
                 results["points"].append(row)
