@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--replica-spec", nargs="+", default=["1,1", "1,1"], metavar="TP,PP",
                         help="e.g. 2,1 2,1 with --partition-id 1 on four GPUs")
     parser.add_argument("--partition-id", type=int, default=1)
+    parser.add_argument("--kv-transfer", choices=["object-store", "direct"], default="direct")
     parser.add_argument("--workloads", default="longbench,mooncake")
     parser.add_argument("--rates", default="1,2")
     parser.add_argument("--num-requests", type=int, default=40)
@@ -77,14 +78,17 @@ def main() -> None:
     engine_kwargs = dict(model=args.model, max_model_len=8192,
                          enable_prefix_caching=False, policy="chunked",
                          max_num_batched_tokens=4096, gpu_memory_utilization=0.85)
-    results = {"profile": PROFILE.name, "engine": engine_kwargs, "points": []}
+    results = {"profile": PROFILE.name, "engine": engine_kwargs,
+               "kv_transfer": args.kv_transfer, "points": []}
     spec = tuple(parse_replica_spec(args.replica_spec))
     gpus = sum(tp for tp, _ in spec)
     for mode in args.modes.split(","):
         cluster = ClusterEngine(ClusterConfig(mode=mode, replica_spec=spec,
                                               partition_id=args.partition_id,
                                               engine_kwargs=engine_kwargs,
-                                              latency_profile=str(PROFILE)))
+                                              latency_profile=str(PROFILE),
+                                              kv_transfer=args.kv_transfer
+                                              if mode != "colocated" else "object-store"))
         blocks = cluster.instances[0].stats.num_blocks
         for name in args.workloads.split(","):
             for rate in (float(r) for r in args.rates.split(",")):

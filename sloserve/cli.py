@@ -153,7 +153,8 @@ def cluster_engine(args: argparse.Namespace):
     return ClusterEngine(cluster_config(
         args.mode, args.replica_spec, args.partition_id, shared,
         prefill_kwargs=role_kwargs("prefill"), decode_kwargs=role_kwargs("decode"),
-        ray_address=args.ray_address, latency_profile=args.latency_profile))
+        ray_address=args.ray_address, latency_profile=args.latency_profile,
+        kv_transfer=args.kv_transfer))
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
@@ -206,6 +207,8 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-chunked-prefill", action="store_true",
                    help="chunked prefill on every instance (the chunked policy)")
     g.add_argument("--ray-address", default=None, help="join this Ray cluster; default: local")
+    g.add_argument("--kv-transfer", choices=["object-store", "direct"], default="object-store",
+                   help="direct: prefill-to-decode links (NCCL between GPUs, gloo on CPUs)")
 
 
 def build_parser() -> argparse.ArgumentParser:

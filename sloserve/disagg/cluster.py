@@ -27,6 +27,7 @@ from sloserve.request import Request
 log = logging.getLogger("sloserve.disagg")
 
 MODES = ("colocated", "disagg", "tropical")
+KV_TRANSFERS = ("object-store", "direct")
 
 
 def parse_replica_spec(items: list[str]) -> list[tuple[int, int]]:
@@ -57,10 +58,15 @@ class ClusterConfig:
     decode_kwargs: dict[str, Any] = field(default_factory=dict)  # decode instances only
     ray_address: str | None = None  # None: a local Ray instance
     latency_profile: str | None = None  # tropical's step-time model; None: the shipped one
+    kv_transfer: str = "object-store"  # or direct: a link per prefill/decode pair
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}")
+        if self.kv_transfer not in KV_TRANSFERS:
+            raise ValueError(f"kv transfer must be one of {', '.join(KV_TRANSFERS)}")
+        if self.kv_transfer == "direct" and any(tp != 1 for tp, _ in self.replica_spec):
+            raise ValueError("--kv-transfer direct needs tp=1 instances for now")
         n = len(self.replica_spec)
         if self.mode != "colocated" and not 0 < self.partition_id < n:
             raise ValueError(f"--partition-id must be in [1, {n - 1}] for {n} instances "
@@ -140,6 +146,10 @@ class ClusterEngine(RequestIntake):
             ray.init(address=config.ray_address, include_dashboard=False,
                      log_to_driver=False, configure_logging=False)
         self.instances = self._start_instances(ray)
+        self._link_seq: dict[tuple[int, int], int] = {}  # direct: next handoff per link
+        for instance in self.instances:
+            if instance.role == "prefill":
+                self._open_links(instance)
         self.placement: dict[str, int] = {}  # request id -> instance it is on now
         self._failures: list[tuple[str, Exception]] = []
         self.scheduler, self.blocks = _QueueView(self), _BlocksView(self)
@@ -156,12 +166,28 @@ class ClusterEngine(RequestIntake):
                       "tensor_parallel_size": tp}
             actor = ray.remote(InstanceWorker).options(  # tp ranks: the actor + tp-1 children
                 num_cpus=1, num_gpus=tp if has_gpus else 0, max_restarts=-1,
-                max_task_retries=0, max_concurrency=4).remote(role, kwargs)
+                max_task_retries=0, max_concurrency=4).remote(
+                    role, kwargs, self.config.kv_transfer)
             instances.append(Instance(index, role, actor, None))
         for instance in instances:  # fails here, with the instance's error, if one cannot load
             instance.stats = ray.get(instance.actor.stats.remote())
             instance.poll = instance.actor.poll.remote()
         return instances
+
+    def _open_links(self, instance: Instance) -> None:
+        """Direct transfer: (re)open the links between `instance` and every instance of the
+        other role (at start, and when a restarted actor answers again)."""
+        import ray
+
+        if self.config.kv_transfer != "direct" or instance.role == "colocated":
+            return
+        other = "decode" if instance.role == "prefill" else "prefill"
+        for peer in (i for i in self.instances if i.role == other):
+            prefill, decode = (instance, peer) if instance.role == "prefill" else (peer, instance)
+            host, port = ray.get(prefill.actor.kv_link_address.remote())
+            prefill.actor.open_link.remote(decode.index, 0, host, port)
+            decode.actor.open_link.remote(prefill.index, 1, host, port)
+            self._link_seq[prefill.index, decode.index] = 0
 
     # ---- the engine interface the server drives -------------------------------------------
     def submit(self, request: Request) -> Request:
@@ -212,6 +238,7 @@ class ClusterEngine(RequestIntake):
                 outputs: list[RequestOutput]) -> None:
         if not instance.alive:
             log.info("engine instance %d (%s) is back", instance.index, instance.role)
+            self._open_links(instance)  # its old links died with it
         instance.alive, instance.stats = True, result.stats
         instance.sent_tokens = instance.sent_blocks = 0
         for out in result.outputs:
@@ -224,19 +251,26 @@ class ClusterEngine(RequestIntake):
             if self.placement.pop(request_id, None) is not None:
                 self._failures.append((request_id, RuntimeError(message)))
         for handoff in result.handoffs:
-            self._hand_off(handoff)
+            self._hand_off(instance, handoff)
 
-    def _hand_off(self, handoff: Handoff) -> None:
+    def _hand_off(self, source: Instance, handoff: Handoff) -> None:
         request_id = handoff.request.request_id
-        if request_id not in self.placement:
-            return  # aborted while it was prefilled
-        target = self._pick_decode(handoff.request)
+        direct = self.config.kv_transfer == "direct"
+        target = self._pick_decode(handoff.request) if request_id in self.placement else None
         if target is None:
-            del self.placement[request_id]
-            self._failures.append((request_id, RuntimeError("no decode instance is up")))
-            return
+            if direct:  # the KV waits on the prefill's device: let it go
+                source.actor.drop_kv.remote(request_id)
+            if self.placement.pop(request_id, None) is not None:
+                self._failures.append((request_id, RuntimeError("no decode instance is up")))
+            return  # else: aborted while it was prefilled
         target.sent_blocks += -(-handoff.request.num_tokens // self._block_size)
-        target.actor.submit_prefilled.remote(handoff, handoff.kv)
+        if direct:
+            link = source.index, target.index
+            seq, self._link_seq[link] = self._link_seq[link], self._link_seq[link] + 1
+            source.actor.send_kv.remote(target.index, seq, request_id)
+            target.actor.receive_kv.remote(source.index, seq, handoff)
+        else:
+            target.actor.submit_prefilled.remote(handoff, handoff.kv)
         self.placement[request_id] = target.index
 
     def _instance_failed(self, instance: Instance, error: Exception) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from sloserve.disagg.kv_link import KVLink, link_address
 from sloserve.engine import EngineConfig, LLMEngine, RequestOutput
 from sloserve.request import Request, RequestStatus
 
@@ -86,11 +87,14 @@ class WireKV:
 
 @dataclass
 class Handoff:
-    """A prefilled request and where its KV waits (a Ray object ref)."""
+    """A prefilled request and where its KV waits: a Ray object ref, or (direct transfer) on
+    the prefill's device until the front end names the decode instance it goes to."""
 
     request: Request
     kv: Any
     exported_at: float  # time.time() when the KV left: import time minus this = transfer
+    shape: tuple[int, ...] = ()  # direct transfer: what the receiver allocates
+    dtype: torch.dtype | None = None
 
 
 @dataclass
@@ -114,10 +118,14 @@ class PollResult:
 
 
 class InstanceWorker:
-    def __init__(self, role: str, engine_kwargs: dict[str, Any]):
+    def __init__(self, role: str, engine_kwargs: dict[str, Any],
+                 kv_transfer: str = "object-store"):
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}")
         self.role = role
+        self.kv_transfer = kv_transfer
+        self._links: dict[int, KVLink] = {}  # direct transfer: peer instance -> link
+        self._outgoing: dict[str, torch.Tensor] = {}  # direct: KV waiting for its link
         self.engine = LLMEngine(EngineConfig.from_kwargs(**engine_kwargs))
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._result = PollResult()
@@ -145,6 +153,31 @@ class InstanceWorker:
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
+
+    # ---- direct KV transfer (kv_link.py) ---------------------------------------------------
+    def kv_link_address(self) -> tuple[str, int]:
+        return link_address()
+
+    def open_link(self, peer: int, rank: int, host: str, port: int) -> None:
+        """Join a link with `peer` (replacing any earlier one: the peer was restarted)."""
+        self._links[peer] = KVLink(rank, host, port, self.engine.runner.device)
+
+    def send_kv(self, peer: int, seq: int, request_id: str) -> None:
+        kv, link = self._outgoing.pop(request_id), self._links[peer]
+        link.post(seq, lambda: link.send(kv))
+
+    def drop_kv(self, request_id: str) -> None:
+        self._outgoing.pop(request_id, None)
+
+    def receive_kv(self, peer: int, seq: int, handoff: Handoff) -> None:
+        link = self._links[peer]
+
+        def receive() -> None:
+            handoff.kv = link.receive(handoff.shape, handoff.dtype)
+            handoff.request.kv_transfer_time = time.time() - handoff.exported_at
+            self._inbox.put(("import", handoff))
+
+        link.post(seq, receive)
 
     def poll(self, timeout: float = 0.05) -> PollResult:
         """What happened since the last poll; waits up to `timeout` for something."""
@@ -210,11 +243,15 @@ class InstanceWorker:
             request = self.engine.scheduler.get(out.request_id)
             if out.finished or request is None or request.status != RequestStatus.RUNNING:
                 continue
-            kv, ready = self._mover.snapshot(self.engine.export_kv(request))
-            started = time.time()
+            kv = self.engine.export_kv(request)
             handoff = request.handoff_copy()
             self.engine.abort(request.request_id)  # its blocks come back here
-            self._exporter.submit(self._export, handoff, kv, ready, started)
+            if self.kv_transfer == "direct":
+                self._outgoing[request.request_id] = kv
+                self._report(Handoff(handoff, None, time.time(), tuple(kv.shape), kv.dtype))
+            else:
+                kv, ready = self._mover.snapshot(kv)
+                self._exporter.submit(self._export, handoff, kv, ready, time.time())
 
     def _export(self, request: Request, kv, ready, started: float) -> None:
         import ray
@@ -224,8 +261,11 @@ class InstanceWorker:
         except Exception as e:  # the request cannot move on: tell the front end
             self._fail(request.request_id, f"KV export failed: {e}")
             return
+        self._report(Handoff(request, ref, started))
+
+    def _report(self, handoff: Handoff) -> None:
         with self._changed:
-            self._result.handoffs.append(Handoff(request, ref, started))
+            self._result.handoffs.append(handoff)
             self._changed.notify_all()
 
     def _fail(self, request_id: str, message: str) -> None:

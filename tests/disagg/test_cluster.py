@@ -22,10 +22,11 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def cluster(local_ray):
+@pytest.fixture(scope="module", params=["object-store", "direct"])
+def cluster(local_ray, request):
     engine = ClusterEngine(ClusterConfig(mode="disagg", replica_spec=((1, 1), (1, 1)),
-                                         partition_id=1, engine_kwargs={"num_kv_blocks": 256}))
+                                         partition_id=1, engine_kwargs={"num_kv_blocks": 256},
+                                         kv_transfer=request.param))
     yield engine
     engine.shutdown()
 

@@ -1,0 +1,80 @@
+"""A direct KV channel between one prefill and one decode instance (`--kv-transfer direct`).
+
+A two-process torch.distributed group of its own (NCCL between GPUs, gloo between CPUs; it
+does not touch the instances' tensor-parallel groups): the prefill side sends a request's KV
+from its device, the decode side receives it straight into its device. Sends and receives must
+pair up in the same order on both sides, so the front end numbers each link's handoffs and each
+side runs them strictly in that order on the link's own thread, never on an engine thread.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import threading
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("sloserve.disagg")
+
+TIMEOUT = datetime.timedelta(seconds=120)
+
+
+def link_address() -> tuple[str, int]:
+    """Where a prefill instance will host a new link's rendezvous."""
+    import socket
+
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+
+class KVLink:
+    def __init__(self, rank: int, host: str, port: int, device: torch.device):
+        self.rank = rank  # 0: the prefill side (sends), 1: the decode side (receives)
+        self.device = device
+        self._jobs: dict[int, Callable[[], None]] = {}
+        self._next = 0
+        self._ready = threading.Condition()
+        self._group = None
+        threading.Thread(target=self._run, args=(host, port), daemon=True,
+                         name=f"kv-link-{rank}").start()
+
+    def post(self, seq: int, job: Callable[[], None]) -> None:
+        """Run `job` once every job numbered below `seq` has run."""
+        with self._ready:
+            self._jobs[seq] = job
+            self._ready.notify_all()
+
+    def send(self, kv: torch.Tensor) -> None:
+        self._group.send([kv.contiguous()], 1, 0).wait()
+
+    def receive(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        kv = torch.empty(shape, dtype=dtype, device=self.device)
+        self._group.recv([kv], 0, 0).wait()
+        return kv
+
+    def _connect(self, host: str, port: int) -> None:
+        store = dist.TCPStore(host, port, 2, self.rank == 0, timeout=TIMEOUT)
+        if self.device.type == "cuda":
+            self._group = dist.ProcessGroupNCCL(store, self.rank, 2)
+        else:
+            self._group = dist.ProcessGroupGloo(store, self.rank, 2, TIMEOUT)
+
+    def _run(self, host: str, port: int) -> None:
+        self._connect(host, port)  # blocks until the other side has joined
+        while True:
+            with self._ready:
+                while self._next not in self._jobs:
+                    self._ready.wait()
+                job = self._jobs.pop(self._next)
+                self._next += 1
+            try:
+                job()
+            except Exception:  # the peer died: this link is dead, the front end opens another
+                log.exception("KV link failed")
+                return
