@@ -4,13 +4,14 @@ each measured point.
 Instances of a Llama-3-8B-shaped model (dummy weights, bf16) as Ray actors, `--replica-spec`
 giving each one's tensor-parallel size (default two instances of one GPU): `colocated`
 (replicas), `disagg` (instances before --partition-id prefill, the rest decode), `tropical`
-(disagg, and decode instances may take prompts). The simulator models tp=1 instances only.
-Workloads: Mooncake and LongBench-like lengths (prompts capped at --max-prompt tokens to fit the
-8k context), Poisson arrivals at each rate, random prompt tokens, EOS ignored. SLOs as the DistServe experiment: TTFT 5x the unloaded prefill time
-of the request's own prompt (from the latency profile), TPOT 100 ms. Per point: p90 TTFT,
-p90 TPOT, attainment, goodput per GPU, mean KV transfer time; the simulator runs the same
-requests on the same profile (tropical routing is not in the simulator: its row shows the
-disagg prediction). Results are saved after every point.
+(disagg, and decode instances may take prompts); KV moves over `--kv-transfer` (direct links
+by default). Workloads: Mooncake and LongBench-like lengths (prompts capped at --max-prompt
+tokens to fit the 8k context), Poisson arrivals at each rate, random prompt tokens, EOS
+ignored. SLOs as the DistServe experiment: TTFT 5x the unloaded prefill time of the request's
+own prompt (from the latency profile), TPOT 100 ms. Per point: p90 TTFT, p90 TPOT,
+attainment, goodput per GPU, mean KV transfer time; the simulator runs the same requests on
+the same profile (tp=1 instances only; tropical routing is not in the simulator, so its row
+shows the disagg prediction). Results are saved after every point.
 """
 
 from __future__ import annotations
