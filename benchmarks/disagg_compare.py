@@ -10,8 +10,7 @@ tokens to fit the 8k context), Poisson arrivals at each rate, random prompt toke
 ignored. SLOs as the DistServe experiment: TTFT 5x the unloaded prefill time of the request's
 own prompt (from the latency profile), TPOT 100 ms. Per point: p90 TTFT, p90 TPOT,
 attainment, goodput per GPU, mean KV transfer time; the simulator runs the same requests on
-the same profile (tp=1 instances only; tropical routing is not in the simulator, so its row
-shows the disagg prediction). Results are saved after every point.
+the same profile (tp=1 instances only). Results are saved after every point.
 """
 
 from __future__ import annotations
@@ -105,7 +104,7 @@ def main() -> None:
                 sim_d = Deployment(latency_profile=str(PROFILE), num_instances=len(spec),
                                    partition_id=args.partition_id,
                                    router="least_loaded",
-                                   mode="colocated" if mode == "colocated" else "disagg",
+                                   mode=mode,
                                    scheduler=SchedulerConfig(256, 4096, 8192, "chunked"),
                                    num_kv_blocks=blocks, transfer_gb_s=gb_s)
                 sim_records, sim_duration = simulate(sim_d, specs)

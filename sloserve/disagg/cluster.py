@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sloserve.core.latency import LatencyModel
+from sloserve.core.routing import DecodeLoad, decode_with_slack
 from sloserve.disagg.worker import Handoff, InstanceStats, InstanceWorker, PollResult
 from sloserve.engine import RequestIntake, RequestOutput, eos_token_id
 from sloserve.model import loader
@@ -313,26 +314,16 @@ class ClusterEngine(RequestIntake):
         return max(self._live("decode"), key=free, default=None)
 
     def _decode_with_slack(self, request: Request, prefill: Instance | None) -> Instance | None:
-        """Tropical: a decode instance whose prefill of this prompt would meet its TTFT
-        objective where the prefill instances would not, while the step that carries the
-        prompt stays within the tightest TPOT objective of the decodes running there."""
-        prompt = request.num_prompt_tokens
+        """Tropical: a decode instance takes the prompt when the prefill instances would miss
+        its TTFT objective (core/routing.py, which the simulator shares)."""
+        decodes = self._live("decode")
+        loads = [DecodeLoad(self._queued(d), d.stats.num_running, d.stats.min_running_tpot_slo,
+                            d.stats.last_step_time) for d in decodes]
         ttft_slo = request.slo.ttft_ms / 1e3 if request.slo.ttft_ms else None
-        if prefill is not None:
-            wait = self.latency.prefill_time(self._queued(prefill) + prompt)
-            if ttft_slo is None or wait <= ttft_slo:
-                return None  # the prefill instances are not backed up for this request
-        best, best_time = None, None
-        for d in self._live("decode"):
-            s = d.stats
-            ttft = self.latency.prefill_time(self._queued(d) + prompt) + s.last_step_time
-            step_with_prompt = self.latency.decode_time(max(1, s.num_running)) \
-                + self.latency.prefill_time(prompt)
-            tpot_ok = s.min_running_tpot_slo is None or step_with_prompt <= s.min_running_tpot_slo
-            if tpot_ok and (ttft_slo is None or ttft <= ttft_slo) \
-                    and (best_time is None or ttft < best_time):
-                best, best_time = d, ttft
-        return best
+        index = decode_with_slack(request.num_prompt_tokens, ttft_slo,
+                                  None if prefill is None else self._queued(prefill), loads,
+                                  self.latency)
+        return None if index is None else decodes[index]
 
     def shutdown(self) -> None:
         import ray

@@ -16,6 +16,7 @@ from sloserve.bench.metrics import RequestRecord
 from sloserve.bench.workload import RequestSpec
 from sloserve.core.kv_blocks import BlockManager
 from sloserve.core.plan import Plan
+from sloserve.core.routing import DecodeLoad, decode_with_slack
 from sloserve.core.scheduler import Scheduler, SchedulerConfig
 from sloserve.request import Request, SamplingParams
 from sloserve.sim.fastforward import fast_forward, steady_steps
@@ -46,6 +47,7 @@ class SimInstance:
                  on_plan: Callable[[Plan], None] | None = None, fast_forward: bool = True,
                  role: str = "colocated"):
         self.role = role  # colocated | prefill | decode
+        self.last_step_time = 0.0
         blocks = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(scheduler, blocks)
         self.latency = latency
@@ -63,6 +65,16 @@ class SimInstance:
     @property
     def load(self) -> int:
         return self.scheduler.num_unfinished
+
+    @property
+    def queued_prompt_tokens(self) -> int:
+        s = self.scheduler
+        return sum(r.num_tokens - r.num_computed_tokens for r in (*s.waiting, *s.preempted))
+
+    def decode_load(self) -> DecodeLoad:
+        tpots = [r.slo.tpot_ms / 1e3 for r in self.scheduler.running if r.slo.tpot_ms]
+        return DecodeLoad(self.queued_prompt_tokens, len(self.scheduler.running),
+                          min(tpots, default=None), self.last_step_time)
 
     def step(self, next_arrival: float) -> list[Request]:
         """One step at self.clock (or a run of identical decode steps); returns the requests
@@ -82,6 +94,7 @@ class SimInstance:
             self.on_plan(plan)
         step_time = self.latency.step_time(plan)
         self.clock += step_time
+        self.last_step_time = step_time
         self.scheduler.policy.observe(plan, step_time)
         sampled = {c.request.request_id: SAMPLED_TOKEN for c in plan.chunks if c.sample}
         return self.scheduler.update(plan, sampled, self.clock)
@@ -110,7 +123,8 @@ class Cluster:
 
     def __init__(self, instances: list[SimInstance], router: str = "round_robin",
                  max_model_len: int = 1 << 20,
-                 transfer: Callable[[Request], float] = lambda request: 0.0):
+                 transfer: Callable[[Request], float] = lambda request: 0.0,
+                 tropical: bool = False):
         if router not in ROUTERS:
             raise ValueError(f"unknown router {router!r}; choose one of {', '.join(ROUTERS)}")
         self.instances = instances
@@ -119,6 +133,7 @@ class Cluster:
         self.route = ROUTERS[router]
         self.max_model_len = max_model_len
         self.transfer = transfer
+        self.tropical = tropical  # decode instances may take prompts (core/routing.py)
         self._handoffs: list[tuple[float, int, Request]] = []  # heap: (KV arrives, seq, req)
         self._seq = 0
 
@@ -168,6 +183,8 @@ class Cluster:
     def _dispatch(self, spec: RequestSpec, i: int, records: dict[str, RequestRecord]) -> None:
         request = make_request(spec, self.max_model_len)
         instance = self.route(self.entry, i)
+        if self.tropical:
+            instance = self._decode_with_slack(request, instance) or instance
         if not instance.busy:
             instance.clock = max(instance.clock, spec.arrival)
         record = RequestRecord.start(spec.index, spec.slo_class, spec.slo, spec.arrival)
@@ -177,6 +194,14 @@ class Cluster:
         except ValueError as e:  # could never run here (too long): an error, as a server says
             record.error = str(e)
         records[request.request_id] = record
+
+
+    def _decode_with_slack(self, request: Request, prefill: SimInstance) -> SimInstance | None:
+        ttft_slo = request.slo.ttft_ms / 1e3 if request.slo.ttft_ms else None
+        index = decode_with_slack(request.num_prompt_tokens, ttft_slo,
+                                  prefill.queued_prompt_tokens,
+                                  [d.decode_load() for d in self.decode], prefill.latency)
+        return None if index is None else self.decode[index]
 
 
 def _record(request: Request, record: RequestRecord) -> RequestRecord:

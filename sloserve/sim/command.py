@@ -26,8 +26,9 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-instances", type=int, default=1)
     p.add_argument("--router", default="round_robin", help="round_robin | least_loaded")
     p.add_argument("--num-kv-blocks", type=int, default=None)
-    p.add_argument("--mode", choices=["colocated", "disagg"], default="colocated",
-                   help="disagg: instances [0, --partition-id) prefill, the rest decode")
+    p.add_argument("--mode", choices=["colocated", "disagg", "tropical"], default="colocated",
+                   help="disagg: instances [0, --partition-id) prefill, the rest decode; "
+                        "tropical: disagg, and decode instances may take prompts")
     p.add_argument("--partition-id", type=int, default=1)
     p.add_argument("--transfer-gb-s", type=float, default=25.0,
                    help="disagg: KV handoff bandwidth, GB/s")

@@ -29,15 +29,16 @@ class Deployment:
     num_kv_blocks: int | None = None  # None: from the GPU's memory, or 1 GiB on the CPU
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
-    mode: str = "colocated"  # or disagg: instances [0, partition_id) prefill, the rest decode
+    mode: str = "colocated"  # disagg: instances [0, partition_id) prefill, the rest decode;
+    #                          tropical: disagg, and decode instances may take prompts
     partition_id: int = 1
     transfer_gb_s: float = 25.0  # KV handoff bandwidth (GB/s), prefill to decode instance
 
     def roles(self) -> list[str]:
         if self.mode == "colocated":
             return ["colocated"] * self.num_instances
-        if self.mode != "disagg":
-            raise ValueError("the simulator models --mode colocated and disagg")
+        if self.mode not in ("disagg", "tropical"):
+            raise ValueError("--mode must be colocated, disagg or tropical")
         if not 0 < self.partition_id < self.num_instances:
             raise ValueError(f"--partition-id must be in [1, {self.num_instances - 1}]")
         return ["prefill" if i < self.partition_id else "decode"
@@ -89,7 +90,8 @@ def simulate(d: Deployment, specs: list[RequestSpec], on_plan=None
     def transfer(request) -> float:
         return request.num_computed_tokens * per_token / (d.transfer_gb_s * 1e9)
 
-    return Cluster(instances, d.router, d.scheduler.max_model_len, transfer).run(specs)
+    return Cluster(instances, d.router, d.scheduler.max_model_len, transfer,
+                   tropical=d.mode == "tropical").run(specs)
 
 
 def plan_log() -> tuple[list[tuple], Any]:

@@ -170,3 +170,21 @@ def test_disaggregated_topology_hands_kv_over_after_the_first_token():
     assert all(by_index[s.index].e2e_ms - by_index[s.index].ttft_ms >= transfer * 1e3
                for s in multi)
     assert all(x.scheduler.blocks.num_used_blocks == 0 for x in instances)
+
+
+@pytest.mark.parametrize("ttft_ms,expect_decode_prefills", [(300, True), (None, False)])
+def test_tropical_decode_instance_takes_prompts_only_when_prefill_is_backed_up(
+        ttft_ms, expect_decode_prefills):
+    latency = LatencyModel((1, 8, 64), (0.02, 0.03, 0.09), (64, 4096), (0.03, 1.0))
+    instances = [SimInstance(SchedulerConfig(), InstanceConfig(400), latency, role=role)
+                 for role in ("prefill", "decode")]
+    direct = []
+    add = instances[1].scheduler.add  # a prompt added to the decode instance, not a handoff
+    instances[1].scheduler.add = lambda r: (direct.append(r.request_id), add(r))[1]
+    burst = [RequestSpec(i, 150, 10, "c", SLO(ttft_ms=ttft_ms, tpot_ms=200), arrival=0.0)
+             for i in range(20)]
+    records, _ = Cluster(instances, "round_robin", tropical=True).run(burst)
+    assert all(r.ok for r in records)
+    assert bool(direct) == expect_decode_prefills
+    if expect_decode_prefills:  # but not all: the prefill instance keeps the ones it can meet
+        assert len(direct) < len(burst)
