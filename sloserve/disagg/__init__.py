@@ -1,0 +1,1 @@
+"""Several engine instances over Ray: colocated replicas, disaggregated prefill/decode, tropical."""
