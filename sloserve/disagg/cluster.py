@@ -93,20 +93,21 @@ class Instance:
 
 
 class _QueueView:
-    """What the server's metrics and 429 logic read from `engine.scheduler`."""
+    """What the server's metrics and 429 logic read from `engine.scheduler`: only the sizes
+    of the queues, summed over the instances' last stats."""
+
+    preempted = ()  # the instances count their preempted requests as waiting
 
     def __init__(self, cluster: ClusterEngine):
         self._cluster = cluster
 
     @property
-    def waiting(self) -> list:
-        return [None] * sum(i.stats.num_waiting for i in self._cluster.instances)
-
-    preempted: list = []
+    def waiting(self) -> range:
+        return range(sum(i.stats.num_waiting for i in self._cluster.instances))
 
     @property
-    def running(self) -> list:
-        return [None] * sum(i.stats.num_running for i in self._cluster.instances)
+    def running(self) -> range:
+        return range(sum(i.stats.num_running for i in self._cluster.instances))
 
     def unfinished_ids(self) -> list[str]:
         return list(self._cluster.placement)
