@@ -15,7 +15,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from sloserve.core.latency import LatencyModel
@@ -335,6 +335,6 @@ class ClusterEngine(RequestIntake):
 
 def cluster_config(mode: str, replica_spec: list[str], partition_id: int,
                    engine_kwargs: dict[str, Any], **rest: Any) -> ClusterConfig:
-    return replace(ClusterConfig(mode=mode, replica_spec=tuple(parse_replica_spec(replica_spec)),
-                                 partition_id=partition_id, engine_kwargs=engine_kwargs),
-                   **rest)
+    """From the CLI's strings: `--replica-spec 1,1 1,1` -> ((1, 1), (1, 1))."""
+    return ClusterConfig(mode=mode, replica_spec=tuple(parse_replica_spec(replica_spec)),
+                         partition_id=partition_id, engine_kwargs=engine_kwargs, **rest)
