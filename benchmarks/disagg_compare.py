@@ -8,7 +8,7 @@ giving each one's tensor-parallel size (default two instances of one GPU): `colo
 by default). Workloads: Mooncake and LongBench-like lengths (prompts capped at --max-prompt
 tokens to fit the 8k context), Poisson arrivals at each rate, random prompt tokens, EOS
 ignored. SLOs as the DistServe experiment: TTFT 5x the unloaded prefill time of the request's
-own prompt (from the latency profile), TPOT 100 ms. Per point: p90 TTFT, p90 TPOT,
+own prompt (from the latency profile), TPOT 100 ms (--tpot-slo-ms). Per point: p90 TTFT, p90 TPOT,
 attainment, goodput per GPU, mean KV transfer time; the simulator runs the same requests on
 the same profile (tp=1 instances only). Results are saved after every point.
 """
@@ -43,14 +43,14 @@ KV_BYTES_PER_TOKEN = 2 * 32 * 8 * 128 * 2  # Llama-3-8B, bf16
 
 
 def requests(name: str, n: int, rate: float, max_prompt: int, max_output: int,
-             latency: LatencyModel, vocab: int) -> list:
+             latency: LatencyModel, vocab: int, tpot_ms: float) -> list:
     specs = workloads.build(workloads.load(name), n, seed=1, with_text=False, rate=rate)
     rng = random.Random(0)
     for spec in specs:
         spec.prompt_len = min(spec.prompt_len, max_prompt)
         spec.max_tokens = max(2, min(spec.max_tokens, max_output))
         spec.extra["tokens"] = [rng.randrange(100, vocab - 100) for _ in range(spec.prompt_len)]
-        spec.slo = SLO(ttft_ms=5e3 * latency.prefill_time(spec.prompt_len), tpot_ms=100)
+        spec.slo = SLO(ttft_ms=5e3 * latency.prefill_time(spec.prompt_len), tpot_ms=tpot_ms)
     return specs
 
 
@@ -73,13 +73,16 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=40)
     parser.add_argument("--max-prompt", type=int, default=6000)
     parser.add_argument("--max-output", type=int, default=256)
+    parser.add_argument("--tpot-slo-ms", type=float, default=100)
+    parser.add_argument("--out", default="disagg_compare", help="result file name")
     args = parser.parse_args()
     latency = LatencyModel.from_file(PROFILE)
     engine_kwargs = dict(model=args.model, max_model_len=8192,
                          enable_prefix_caching=False, policy="chunked",
                          max_num_batched_tokens=4096, gpu_memory_utilization=0.85)
     results = {"profile": PROFILE.name, "engine": engine_kwargs,
-               "kv_transfer": args.kv_transfer, "points": []}
+               "kv_transfer": args.kv_transfer, "tpot_slo_ms": args.tpot_slo_ms,
+               "points": []}
     spec = tuple(parse_replica_spec(args.replica_spec))
     gpus = sum(tp for tp, _ in spec)
     for mode in args.modes.split(","):
@@ -93,7 +96,8 @@ def main() -> None:
         for name in args.workloads.split(","):
             for rate in (float(r) for r in args.rates.split(",")):
                 specs = requests(name, args.num_requests, rate, args.max_prompt,
-                                 args.max_output, latency, cluster.model_config.vocab_size)
+                                 args.max_output, latency, cluster.model_config.vocab_size,
+                                 args.tpot_slo_ms)
                 records, duration = run_engine(cluster, specs, ignore_eos=True)
                 measured = point(summarize(records, duration), gpus)
                 transfers = [r for r in records if r.kv_transfer_ms is not None]
@@ -113,10 +117,13 @@ def main() -> None:
                        "measured": measured, "simulated": point(
                            summarize(sim_records, sim_duration), gpus),
                        "mean_kv_transfer_ms": mean_transfer,
+                       "prefilled_on_decode": sum(1 for r in records if not r.error
+                                                  and r.kv_transfer_ms is None)
+                       if mode == "tropical" else None,
                        "errors": sum(1 for r in records if r.error)}
                 results["points"].append(row)
                 print(row, flush=True)
-                save("disagg_compare", results)
+                save(args.out, results)
         cluster.shutdown()
         del cluster
         gc.collect()

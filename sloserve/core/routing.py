@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 
@@ -11,9 +11,29 @@ class DecodeLoad:
     """What the test needs to know of one decode instance."""
 
     queued_prompt_tokens: int
-    num_running: int
-    min_running_tpot_slo: float | None  # seconds
+    tpot_slack: float | None  # seconds: see tpot_slack(); None: no running TPOT objective
     last_step_time: float
+
+
+def tpot_slack(running: Iterable, now: float, step_time: float) -> float | None:
+    """How long the running requests' decoding can be held up (by prefills sharing their
+    steps) with every one of them still meeting its TPOT objective.
+
+    TPOT is a mean over a request's output, so a request that has decoded faster than its
+    objective has banked time: objective x intervals, minus the time since its first token,
+    minus its remaining tokens at `step_time` each (max_tokens: EOS is not foreseeable)."""
+    slack = None
+    for r in running:
+        if not r.slo.tpot_ms or r.first_token_time is None:
+            continue
+        remaining = max(0, r.sampling_params.max_tokens - r.num_output_tokens)
+        intervals = r.num_output_tokens - 1 + remaining
+        if intervals <= 0:
+            continue
+        spare = (r.slo.tpot_ms / 1e3 * intervals - (now - r.first_token_time)
+                 - remaining * step_time)
+        slack = spare if slack is None else min(slack, spare)
+    return slack
 
 
 def decode_with_slack(prompt_tokens: int, ttft_slo: float | None, prefill_queued: int | None,
@@ -22,17 +42,17 @@ def decode_with_slack(prompt_tokens: int, ttft_slo: float | None, prefill_queued
 
     Only when the best prefill instance (`prefill_queued` prompt tokens ahead; None: none is
     up) would miss the request's TTFT objective; then the decode instance that would meet it
-    soonest, among those where a step carrying the prompt stays within the tightest TPOT
-    objective of the decodes running there."""
+    soonest, among those whose running decodes have the TPOT slack to wait out the prefills
+    queued there and this one."""
     if prefill_queued is not None:
         wait = latency.prefill_time(prefill_queued + prompt_tokens)
         if ttft_slo is None or wait <= ttft_slo:
             return None  # the prefill instances are not backed up for this request
     best, best_ttft = None, None
     for index, d in enumerate(decodes):
-        ttft = latency.prefill_time(d.queued_prompt_tokens + prompt_tokens) + d.last_step_time
-        step = latency.decode_time(max(1, d.num_running)) + latency.prefill_time(prompt_tokens)
-        tpot_ok = d.min_running_tpot_slo is None or step <= d.min_running_tpot_slo
+        prefills = latency.prefill_time(d.queued_prompt_tokens + prompt_tokens)
+        ttft = prefills + d.last_step_time
+        tpot_ok = d.tpot_slack is None or prefills <= d.tpot_slack
         if tpot_ok and (ttft_slo is None or ttft <= ttft_slo) \
                 and (best_ttft is None or ttft < best_ttft):
             best, best_ttft = index, ttft

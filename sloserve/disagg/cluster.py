@@ -169,7 +169,7 @@ class ClusterEngine(RequestIntake):
             actor = ray.remote(InstanceWorker).options(  # tp ranks: the actor + tp-1 children
                 num_cpus=1, num_gpus=tp if has_gpus else 0, max_restarts=-1,
                 max_task_retries=0, max_concurrency=4).remote(
-                    role, kwargs, self.config.kv_transfer)
+                    role, kwargs, self.config.kv_transfer, self.config.latency_profile)
             instances.append(Instance(index, role, actor, None))
         for instance in instances:  # fails here, with the instance's error, if one cannot load
             instance.stats = ray.get(instance.actor.stats.remote())
@@ -318,8 +318,8 @@ class ClusterEngine(RequestIntake):
         """Tropical: a decode instance takes the prompt when the prefill instances would miss
         its TTFT objective (core/routing.py, which the simulator shares)."""
         decodes = self._live("decode")
-        loads = [DecodeLoad(self._queued(d), d.stats.num_running, d.stats.min_running_tpot_slo,
-                            d.stats.last_step_time) for d in decodes]
+        loads = [DecodeLoad(self._queued(d), d.stats.tpot_slack, d.stats.last_step_time)
+                 for d in decodes]
         ttft_slo = request.slo.ttft_ms / 1e3 if request.slo.ttft_ms else None
         index = decode_with_slack(request.num_prompt_tokens, ttft_slo,
                                   None if prefill is None else self._queued(prefill), loads,

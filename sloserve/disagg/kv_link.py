@@ -13,6 +13,7 @@ import datetime
 import logging
 import threading
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -41,6 +42,7 @@ class KVLink:
         self._next = 0
         self._ready = threading.Condition()
         self._group = None
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         threading.Thread(target=self._run, args=(host, port), daemon=True,
                          name=f"kv-link-{rank}").start()
 
@@ -50,13 +52,30 @@ class KVLink:
             self._jobs[seq] = job
             self._ready.notify_all()
 
-    def send(self, kv: torch.Tensor) -> None:
-        self._group.send([kv.contiguous()], 1, 0).wait()
+    def send(self, kv: torch.Tensor, ready: torch.cuda.Event | None) -> None:
+        """ready: an event recorded after kv was written (None on the CPU)."""
+        with self._on_stream():
+            if ready is not None:
+                self._stream.wait_event(ready)
+            self._group.send([kv], 1, 0).wait()
+            self._finish()
 
     def receive(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        kv = torch.empty(shape, dtype=dtype, device=self.device)
-        self._group.recv([kv], 0, 0).wait()
+        with self._on_stream():
+            kv = torch.empty(shape, dtype=dtype, device=self.device)
+            self._group.recv([kv], 0, 0).wait()
+            self._finish()
         return kv
+
+    # NCCL work waits on the stream current at the call: on the engine's stream a send would
+    # hold the engine's next kernels until the peer receives. The link's own stream keeps the
+    # engines apart, and synchronizing it (this thread only) makes the transfer's time real.
+    def _on_stream(self):
+        return torch.cuda.stream(self._stream) if self._stream is not None else nullcontext()
+
+    def _finish(self) -> None:
+        if self._stream is not None:
+            self._stream.synchronize()
 
     def _connect(self, host: str, port: int) -> None:
         store = dist.TCPStore(host, port, 2, self.rank == 0, timeout=TIMEOUT)

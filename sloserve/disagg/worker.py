@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from sloserve.core.latency import LatencyModel
+from sloserve.core.routing import tpot_slack
 from sloserve.disagg.kv_link import KVLink, link_address
 from sloserve.engine import EngineConfig, LLMEngine, RequestOutput
 from sloserve.request import Request, RequestStatus
@@ -105,7 +107,7 @@ class InstanceStats:
     num_waiting: int
     free_blocks: int
     num_blocks: int
-    min_running_tpot_slo: float | None  # seconds; tightest TPOT objective running here
+    tpot_slack: float | None  # seconds the running decodes can wait (core/routing.py)
     last_step_time: float
 
 
@@ -119,11 +121,13 @@ class PollResult:
 
 class InstanceWorker:
     def __init__(self, role: str, engine_kwargs: dict[str, Any],
-                 kv_transfer: str = "object-store"):
+                 kv_transfer: str = "object-store", latency_profile: str | None = None):
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}")
         self.role = role
         self.kv_transfer = kv_transfer
+        self._latency = (LatencyModel.from_file(latency_profile) if latency_profile
+                         else LatencyModel.default())  # decode steps, for tpot_slack
         self._links: dict[int, KVLink] = {}  # direct transfer: peer instance -> link
         self._outgoing: dict[str, torch.Tensor] = {}  # direct: KV waiting for its link
         self.engine = LLMEngine(EngineConfig.from_kwargs(**engine_kwargs))
@@ -163,8 +167,8 @@ class InstanceWorker:
         self._links[peer] = KVLink(rank, host, port, self.engine.runner.device)
 
     def send_kv(self, peer: int, seq: int, request_id: str) -> None:
-        kv, link = self._outgoing.pop(request_id), self._links[peer]
-        link.post(seq, lambda: link.send(kv))
+        (kv, ready), link = self._outgoing.pop(request_id), self._links[peer]
+        link.post(seq, lambda: link.send(kv, ready))
 
     def drop_kv(self, request_id: str) -> None:
         self._outgoing.pop(request_id, None)
@@ -246,11 +250,11 @@ class InstanceWorker:
             kv = self.engine.export_kv(request)
             handoff = request.handoff_copy()
             self.engine.abort(request.request_id)  # its blocks come back here
+            kv, ready = self._mover.snapshot(kv)
             if self.kv_transfer == "direct":
-                self._outgoing[request.request_id] = kv
+                self._outgoing[request.request_id] = kv, ready
                 self._report(Handoff(handoff, None, time.time(), tuple(kv.shape), kv.dtype))
             else:
-                kv, ready = self._mover.snapshot(kv)
                 self._exporter.submit(self._export, handoff, kv, ready, time.time())
 
     def _export(self, request: Request, kv, ready, started: float) -> None:
@@ -282,10 +286,10 @@ class InstanceWorker:
         scheduler, blocks = self.engine.scheduler, self.engine.blocks
         queued = sum(r.num_tokens - r.num_computed_tokens
                      for r in (*scheduler.waiting, *scheduler.preempted))
-        tpots = [r.slo.tpot_ms / 1e3 for r in scheduler.running if r.slo.tpot_ms]
         return InstanceStats(
             role=self.role, queued_prompt_tokens=queued, num_running=len(scheduler.running),
             num_waiting=len(scheduler.waiting) + len(scheduler.preempted) + len(self._imports),
             free_blocks=blocks.num_free_blocks, num_blocks=blocks.num_blocks,
-            min_running_tpot_slo=min(tpots, default=None),
+            tpot_slack=tpot_slack(scheduler.running, self.engine.clock(),
+                                  self._latency.decode_time(len(scheduler.running))),
             last_step_time=self.engine.last_step_time)

@@ -16,7 +16,7 @@ from sloserve.bench.metrics import RequestRecord
 from sloserve.bench.workload import RequestSpec
 from sloserve.core.kv_blocks import BlockManager
 from sloserve.core.plan import Plan
-from sloserve.core.routing import DecodeLoad, decode_with_slack
+from sloserve.core.routing import DecodeLoad, decode_with_slack, tpot_slack
 from sloserve.core.scheduler import Scheduler, SchedulerConfig
 from sloserve.request import Request, SamplingParams
 from sloserve.sim.fastforward import fast_forward, steady_steps
@@ -72,9 +72,9 @@ class SimInstance:
         return sum(r.num_tokens - r.num_computed_tokens for r in (*s.waiting, *s.preempted))
 
     def decode_load(self) -> DecodeLoad:
-        tpots = [r.slo.tpot_ms / 1e3 for r in self.scheduler.running if r.slo.tpot_ms]
-        return DecodeLoad(self.queued_prompt_tokens, len(self.scheduler.running),
-                          min(tpots, default=None), self.last_step_time)
+        running = self.scheduler.running
+        slack = tpot_slack(running, self.clock, self.latency.decode_time(len(running)))
+        return DecodeLoad(self.queued_prompt_tokens, slack, self.last_step_time)
 
     def step(self, next_arrival: float) -> list[Request]:
         """One step at self.clock (or a run of identical decode steps); returns the requests
