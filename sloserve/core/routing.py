@@ -36,24 +36,24 @@ def tpot_slack(running: Iterable, now: float, step_time: float) -> float | None:
     return slack
 
 
-def decode_with_slack(prompt_tokens: int, ttft_slo: float | None, prefill_queued: int | None,
+def decode_with_slack(prompt_tokens: int, prefill_queued: int | None,
                       decodes: Sequence[DecodeLoad], latency) -> int | None:
     """Index of the decode instance that should prefill this prompt itself, or None.
 
-    Only when the best prefill instance (`prefill_queued` prompt tokens ahead; None: none is
-    up) would miss the request's TTFT objective; then the decode instance that would meet it
-    soonest, among those whose running decodes have the TPOT slack to wait out the prefills
-    queued there and this one."""
-    if prefill_queued is not None:
-        wait = latency.prefill_time(prefill_queued + prompt_tokens)
-        if ttft_slo is None or wait <= ttft_slo:
-            return None  # the prefill instances are not backed up for this request
-    best, best_ttft = None, None
+    A decode instance takes the prompt when it would produce the first token sooner than the
+    best prefill instance (`prefill_queued` prompt tokens ahead of it; None: none is up) and
+    its running decodes have the TPOT slack to wait out the prefills queued there and this
+    one; the soonest such instance wins. Sending prompts to a decode instance only once the
+    prefill instances would miss the TTFT objective kept those at the objective's edge: on
+    two H200s that rule met 67% of objectives at 8 req/s of LongBench-like prompts, where two
+    colocated replicas met all of them."""
+    best = None
+    best_ttft = None if prefill_queued is None else latency.prefill_time(
+        prefill_queued + prompt_tokens)
     for index, d in enumerate(decodes):
         prefills = latency.prefill_time(d.queued_prompt_tokens + prompt_tokens)
         ttft = prefills + d.last_step_time
         tpot_ok = d.tpot_slack is None or prefills <= d.tpot_slack
-        if tpot_ok and (ttft_slo is None or ttft <= ttft_slo) \
-                and (best_ttft is None or ttft < best_ttft):
+        if tpot_ok and (best_ttft is None or ttft < best_ttft):
             best, best_ttft = index, ttft
     return best

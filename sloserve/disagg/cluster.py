@@ -315,13 +315,12 @@ class ClusterEngine(RequestIntake):
         return max(self._live("decode"), key=free, default=None)
 
     def _decode_with_slack(self, request: Request, prefill: Instance | None) -> Instance | None:
-        """Tropical: a decode instance takes the prompt when the prefill instances would miss
-        its TTFT objective (core/routing.py, which the simulator shares)."""
+        """Tropical: a decode instance takes the prompt when it would start it sooner and its
+        decodes have the TPOT slack (core/routing.py, which the simulator shares)."""
         decodes = self._live("decode")
         loads = [DecodeLoad(self._queued(d), d.stats.tpot_slack, d.stats.last_step_time)
                  for d in decodes]
-        ttft_slo = request.slo.ttft_ms / 1e3 if request.slo.ttft_ms else None
-        index = decode_with_slack(request.num_prompt_tokens, ttft_slo,
+        index = decode_with_slack(request.num_prompt_tokens,
                                   None if prefill is None else self._queued(prefill), loads,
                                   self.latency)
         return None if index is None else decodes[index]

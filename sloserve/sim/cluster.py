@@ -197,9 +197,7 @@ class Cluster:
 
 
     def _decode_with_slack(self, request: Request, prefill: SimInstance) -> SimInstance | None:
-        ttft_slo = request.slo.ttft_ms / 1e3 if request.slo.ttft_ms else None
-        index = decode_with_slack(request.num_prompt_tokens, ttft_slo,
-                                  prefill.queued_prompt_tokens,
+        index = decode_with_slack(request.num_prompt_tokens, prefill.queued_prompt_tokens,
                                   [d.decode_load() for d in self.decode], prefill.latency)
         return None if index is None else self.decode[index]
 

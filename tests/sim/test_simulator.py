@@ -172,19 +172,23 @@ def test_disaggregated_topology_hands_kv_over_after_the_first_token():
     assert all(x.scheduler.blocks.num_used_blocks == 0 for x in instances)
 
 
-@pytest.mark.parametrize("ttft_ms,expect_decode_prefills", [(300, True), (None, False)])
-def test_tropical_decode_instance_takes_prompts_only_when_prefill_is_backed_up(
-        ttft_ms, expect_decode_prefills):
+@pytest.mark.parametrize("tpot_ms,takes_second_wave", [(200, True), (20, False)])
+def test_tropical_decode_instance_takes_prompts_within_its_tpot_slack(tpot_ms, takes_second_wave):
     latency = LatencyModel((1, 8, 64), (0.02, 0.03, 0.09), (64, 4096), (0.03, 1.0))
     instances = [SimInstance(SchedulerConfig(), InstanceConfig(400), latency, role=role)
                  for role in ("prefill", "decode")]
     direct = []
     add = instances[1].scheduler.add  # a prompt added to the decode instance, not a handoff
-    instances[1].scheduler.add = lambda r: (direct.append(r.request_id), add(r))[1]
-    burst = [RequestSpec(i, 150, 10, "c", SLO(ttft_ms=ttft_ms, tpot_ms=200), arrival=0.0)
-             for i in range(20)]
-    records, _ = Cluster(instances, "round_robin", tropical=True).run(burst)
-    assert all(r.ok for r in records)
-    assert bool(direct) == expect_decode_prefills
-    if expect_decode_prefills:  # but not all: the prefill instance keeps the ones it can meet
-        assert len(direct) < len(burst)
+    instances[1].scheduler.add = lambda r: (direct.append(r.arrival_time), add(r))[1]
+    slo = SLO(tpot_ms=tpot_ms)  # 20 ms: below the decode step, no slack to give
+    first = [RequestSpec(i, 150, 60, "c", slo, arrival=0.0) for i in range(4)]
+    second = [RequestSpec(4 + i, 150, 10, "c", slo, arrival=0.5) for i in range(16)]
+    records, _ = Cluster(instances, "round_robin", tropical=True).run(first + second)
+    assert not any(r.error for r in records)
+    assert all(x.scheduler.blocks.num_used_blocks == 0 for x in instances)
+    from_second = [t for t in direct if t >= 0.5]
+    if takes_second_wave:  # sooner than queueing behind the prefill instance, but not all
+        assert 0 < len(from_second) < len(second)
+        assert all(r.ok for r in records)
+    else:
+        assert from_second == []
