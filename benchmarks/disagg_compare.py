@@ -10,13 +10,15 @@ tokens to fit the 8k context), Poisson arrivals at each rate, random prompt toke
 ignored. SLOs as the DistServe experiment: TTFT 5x the unloaded prefill time of the request's
 own prompt (from the latency profile), TPOT 100 ms (--tpot-slo-ms). Per point: p90 TTFT, p90 TPOT,
 attainment, goodput per GPU, mean KV transfer time; the simulator runs the same requests on
-the same profile (tp=1 instances only). Results are saved after every point.
+the same profile (tp=1 instances only). Results and a plot (measured solid, simulated dashed)
+are saved after every point; `--replot FILE.json` redraws one.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import random
 import sys
 import time
@@ -60,6 +62,52 @@ def point(summary: dict, gpus: int) -> dict:
             "p90_ttft_ms": summary["ttft_ms"]["p90"], "p90_tpot_ms": summary["tpot_ms"]["p90"]}
 
 
+def capacity(points: list[dict], target: float = 0.9) -> dict:
+    """DistServe's goodput: per mode and workload, the highest rate measured whose SLO
+    attainment reached `target`, per GPU (None: no rate did)."""
+    best: dict = {}
+    for p in points:
+        key = f"{p['mode']}/{p['workload']}"
+        ok = p["measured"]["attainment"] >= target
+        best.setdefault(key, None)
+        if ok and (best[key] is None or p["rate"] / p["gpus"] > best[key]):
+            best[key] = p["rate"] / p["gpus"]
+    return best
+
+
+def plot(results: dict, path: Path) -> Path:
+    """Attainment and goodput per GPU vs rate, a column per workload: measured lines solid,
+    the simulator's dashed in the same colour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = results["points"]
+    names = list(dict.fromkeys(p["workload"] for p in points))
+    fig, axes = plt.subplots(2, len(names), figsize=(5.5 * len(names), 7), squeeze=False)
+    for col, name in enumerate(names):
+        for mode in dict.fromkeys(p["mode"] for p in points):
+            rows = sorted((p for p in points if p["workload"] == name and p["mode"] == mode),
+                          key=lambda p: p["rate"])
+            rates = [p["rate"] for p in rows]
+            for ax, key, scale in ((axes[0][col], "attainment", 100),
+                                   (axes[1][col], "goodput_per_gpu", 1)):
+                line, = ax.plot(rates, [scale * p["measured"][key] for p in rows],
+                                marker="o", label=mode)
+                ax.plot(rates, [scale * p["simulated"][key] for p in rows], linestyle="--",
+                        color=line.get_color(), alpha=0.6, label=f"{mode} (simulated)")
+        axes[0][col].set(title=f"{name}, TPOT SLO {results['tpot_slo_ms']:g} ms",
+                         ylabel="SLO attainment (%)", ylim=(0, 105))
+        axes[1][col].set(xlabel="request rate (req/s)", ylabel="goodput per GPU (req/s)")
+        axes[0][col].legend(fontsize=7)
+    fig.suptitle(f"{results.get('machine', '')}: {results['command']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="dummy:llama-3-8b")
@@ -75,7 +123,13 @@ def main() -> None:
     parser.add_argument("--max-output", type=int, default=256)
     parser.add_argument("--tpot-slo-ms", type=float, default=100)
     parser.add_argument("--out", default="disagg_compare", help="result file name")
+    parser.add_argument("--replot", type=Path, metavar="JSON",
+                        help="only draw the plot of an earlier result file, beside it")
     args = parser.parse_args()
+    if args.replot:
+        results = json.loads(args.replot.read_text())
+        print(plot(results, args.replot.with_suffix(".png")), capacity(results["points"]))
+        return
     latency = LatencyModel.from_file(PROFILE)
     engine_kwargs = dict(model=args.model, max_model_len=8192,
                          enable_prefix_caching=False, policy="chunked",
@@ -122,8 +176,9 @@ def main() -> None:
                        if mode == "tropical" else None,
                        "errors": sum(1 for r in records if r.error)}
                 results["points"].append(row)
+                results["rate_per_gpu_at_90pct"] = capacity(results["points"])
                 print(row, flush=True)
-                save(args.out, results)
+                plot(results, save(args.out, results).with_suffix(".png"))
         cluster.shutdown()
         del cluster
         gc.collect()

@@ -207,8 +207,9 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-chunked-prefill", action="store_true",
                    help="chunked prefill on every instance (the chunked policy)")
     g.add_argument("--ray-address", default=None, help="join this Ray cluster; default: local")
-    g.add_argument("--kv-transfer", choices=["object-store", "direct"], default="object-store",
-                   help="direct: prefill-to-decode links (NCCL between GPUs, gloo on CPUs)")
+    g.add_argument("--kv-transfer", choices=["direct", "object-store"], default="direct",
+                   help="direct: prefill-to-decode links (NCCL between GPUs, gloo on CPUs); "
+                        "object-store: through host memory and Ray's object store")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,10 +3,9 @@ and the same engine interface the OpenAI server drives (make_request / submit / 
 has_unfinished / step), so `sloserve serve --mode disagg` is the usual server on top.
 
 Modes: colocated (N identical replicas, least queued prompt tokens), disagg (instances
-[0, partition_id) prefill, the rest decode; KV moves through Ray's object store), tropical
-(disagg, and a decode instance also takes a prefill when the prefill instances are backed up,
-the request's TTFT objective can still be met there, and the step that carries the prompt
-keeps every running decode within its TPOT objective).
+[0, partition_id) prefill, the rest decode; KV moves over direct links or Ray's object store),
+tropical (disagg, and a decode instance also takes a prompt when it would start it sooner than
+the prefill instances and its running decodes have the TPOT slack to wait for it).
 """
 
 from __future__ import annotations
@@ -59,15 +58,13 @@ class ClusterConfig:
     decode_kwargs: dict[str, Any] = field(default_factory=dict)  # decode instances only
     ray_address: str | None = None  # None: a local Ray instance
     latency_profile: str | None = None  # tropical's step-time model; None: the shipped one
-    kv_transfer: str = "object-store"  # or direct: a link per prefill/decode pair
+    kv_transfer: str = "direct"  # a link per prefill/decode pair; or object-store
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}")
         if self.kv_transfer not in KV_TRANSFERS:
             raise ValueError(f"kv transfer must be one of {', '.join(KV_TRANSFERS)}")
-        if self.kv_transfer == "direct" and any(tp != 1 for tp, _ in self.replica_spec):
-            raise ValueError("--kv-transfer direct needs tp=1 instances for now")
         n = len(self.replica_spec)
         if self.mode != "colocated" and not 0 < self.partition_id < n:
             raise ValueError(f"--partition-id must be in [1, {n - 1}] for {n} instances "

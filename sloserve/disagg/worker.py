@@ -1,9 +1,10 @@
 """One engine instance inside a Ray actor: a prefill, decode or colocated role.
 
 The actor's methods only queue work and collect results; a thread of the actor owns the
-engine and steps it. A prefill instance runs a request until its first token, then exports the
-request's KV blocks to Ray's object store, frees them and reports a handoff; a decode instance
-imports such KV and decodes to the end. The front end (cluster.py) calls `poll` in a loop to
+engine and steps it. A prefill instance runs a request until its first token, then copies the
+request's KV blocks on its device, frees them and reports a handoff; the copy leaves over a
+direct link (kv_link.py) or through Ray's object store; a decode instance imports such KV and
+decodes to the end. The front end (cluster.py) calls `poll` in a loop to
 collect what happened since its last call.
 """
 

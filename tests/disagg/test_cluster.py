@@ -92,8 +92,9 @@ def test_killed_decode_instance_fails_its_requests_and_comes_back(cluster):
 
 
 def test_tensor_parallel_instances_hand_kv_over_rank_to_rank(local_ray):
-    """tp=2 prefill and tp=2 decode instances (2 processes each): rank i's KV heads reach
-    rank i on the other side, and the tokens equal one unsharded engine's."""
+    """tp=2 prefill and tp=2 decode instances (2 processes each), direct link between their
+    rank-0 processes: rank i's KV heads reach rank i on the other side, and the tokens equal
+    one unsharded engine's."""
     from sloserve import LLM
 
     options = dict(model="dummy:qwen2-tiny", num_kv_blocks=64)
