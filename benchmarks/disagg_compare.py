@@ -101,7 +101,7 @@ def plot(results: dict, path: Path) -> Path:
                          ylabel="SLO attainment (%)", ylim=(0, 105))
         axes[1][col].set(xlabel="request rate (req/s)", ylabel="goodput per GPU (req/s)")
         axes[0][col].legend(fontsize=7)
-    fig.suptitle(f"{results.get('machine', '')}: {results['command']}", fontsize=8)
+    fig.suptitle(f"{results.get('machine', '')}: {results.get('command', '')}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

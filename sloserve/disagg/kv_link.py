@@ -65,6 +65,8 @@ class KVLink:
             kv = torch.empty(shape, dtype=dtype, device=self.device)
             self._group.recv([kv], 0, 0).wait()
             self._finish()
+        if self._stream is not None:  # the engine reads it on its stream: see to_engine_stream
+            to_engine_stream(kv)
         return kv
 
     # NCCL work waits on the stream current at the call: on the engine's stream a send would
@@ -97,3 +99,10 @@ class KVLink:
             except Exception:  # the peer died: this link is dead, the front end opens another
                 log.exception("KV link failed")
                 return
+
+
+def to_engine_stream(kv: torch.Tensor) -> None:
+    """kv was allocated on a side stream and is read by the engine on the default stream:
+    without this, its memory could be handed to the side stream's next allocation while the
+    engine's import kernels are still queued to read it."""
+    kv.record_stream(torch.cuda.default_stream(kv.device))

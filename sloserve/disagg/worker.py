@@ -22,7 +22,7 @@ import torch
 
 from sloserve.core.latency import LatencyModel
 from sloserve.core.routing import tpot_slack
-from sloserve.disagg.kv_link import KVLink, link_address
+from sloserve.disagg.kv_link import KVLink, link_address, to_engine_stream
 from sloserve.engine import EngineConfig, LLMEngine, RequestOutput
 from sloserve.request import Request, RequestStatus
 
@@ -62,6 +62,7 @@ class KVMover:
         with torch.cuda.stream(self.stream):
             staged = kv.to(self.device, non_blocking=True)
             self.stream.synchronize()
+        to_engine_stream(staged)
         return staged
 
 

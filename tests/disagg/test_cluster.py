@@ -111,3 +111,27 @@ def test_tensor_parallel_instances_hand_kv_over_rank_to_rank(local_ray):
         wait_for_idle_blocks(tp_cluster)
     finally:
         tp_cluster.shutdown()
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.device_count() >= 2, reason="needs two GPUs")
+def test_direct_link_between_two_gpus_gives_one_engines_tokens(local_ray):
+    """A prefill and a decode instance on two GPUs, KV over their NCCL link on side streams:
+    greedy tokens (float32) equal one engine's, every block back on both GPUs."""
+    from sloserve import LLM
+
+    options = dict(model="dummy:qwen2-tiny", num_kv_blocks=1024, dtype="float32")
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    prompts = [[(13 * i + j) % 3000 + 7 for j in range(40 + 90 * i)] for i in range(12)]
+    llm = LLM(**options)
+    expected = [r.token_ids for r in llm.generate(prompts, params)]
+    del llm
+    gpu_cluster = ClusterEngine(ClusterConfig(mode="disagg", replica_spec=((1, 1), (1, 1)),
+                                              partition_id=1, engine_kwargs=options))
+    try:
+        requests = [gpu_cluster.make_request(p, params) for p in prompts]
+        tokens, errors = drive(gpu_cluster, requests)
+        assert not errors
+        assert [tokens[r.request_id] for r in requests] == expected
+        wait_for_idle_blocks(gpu_cluster)
+    finally:
+        gpu_cluster.shutdown()
