@@ -174,8 +174,9 @@ class LLMEngine(RequestIntake):
     def submit(self, request: Request) -> Request:
         """Queue a request built by make_request."""
         self.scheduler.add(request)
-        self._detokenizers[request.request_id] = IncrementalDetokenizer(
-            self.tokenizer, request.sampling_params.stop)
+        detok = IncrementalDetokenizer(self.tokenizer, request.sampling_params.stop)
+        detok.push(request.output_token_ids)  # resumed from a dead instance: text already out
+        self._detokenizers[request.request_id] = detok
         return request
 
     # ---- disaggregation: hand a prefilled request's KV to another engine ---------------

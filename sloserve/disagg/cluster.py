@@ -58,6 +58,7 @@ class ClusterConfig:
     decode_kwargs: dict[str, Any] = field(default_factory=dict)  # decode instances only
     ray_address: str | None = None  # None: a local Ray instance
     latency_profile: str | None = None  # tropical's step-time model; None: the shipped one
+    resume_timeout_s: float = 120.0  # how long a dead instance's requests wait to resume
     kv_transfer: str = "direct"  # a link per prefill/decode pair; or object-store
 
     def __post_init__(self) -> None:
@@ -75,6 +76,13 @@ class ClusterConfig:
             return ["colocated"] * len(self.replica_spec)
         return ["prefill" if i < self.partition_id else "decode"
                 for i in range(len(self.replica_spec))]
+
+
+@dataclass
+class Parked:
+    request: Request
+    deadline: float  # clock time after which it fails with `reason`
+    reason: str
 
 
 @dataclass
@@ -107,7 +115,7 @@ class _QueueView:
         return range(sum(i.stats.num_running for i in self._cluster.instances))
 
     def unfinished_ids(self) -> list[str]:
-        return list(self._cluster.placement)
+        return [*self._cluster.placement, *self._cluster.parked]
 
     def check(self, request: Request) -> None:
         if request.num_prompt_tokens >= self._cluster.max_model_len:
@@ -150,6 +158,9 @@ class ClusterEngine(RequestIntake):
             if instance.role == "prefill":
                 self._open_links(instance)
         self.placement: dict[str, int] = {}  # request id -> instance it is on now
+        self.parked: dict[str, Parked] = {}  # lost with an instance, waiting to resume
+        self._submitted: dict[str, Request] = {}  # as the client sent them, until they end
+        self._latest: dict[str, RequestOutput] = {}  # the last output each one streamed
         self._failures: list[tuple[str, Exception]] = []
         self.scheduler, self.blocks = _QueueView(self), _BlocksView(self)
         self.last_step_time = 0.0
@@ -193,18 +204,24 @@ class ClusterEngine(RequestIntake):
         instance = self._route_prompt(request)
         if instance is None:
             raise ValueError("no engine instance is up to take the request; retry shortly")
-        instance.sent_tokens += request.num_prompt_tokens
+        self._send(request, instance)
+        self._submitted[request.request_id] = request
+        return request
+
+    def _send(self, request: Request, instance: Instance) -> None:
+        instance.sent_tokens += request.num_tokens
         instance.actor.submit.remote(request)
         self.placement[request.request_id] = instance.index
-        return request
 
     def abort(self, request_id: str) -> None:
         index = self.placement.pop(request_id, None)
         if index is not None:
             self.instances[index].actor.abort.remote(request_id)
+        self.parked.pop(request_id, None)
+        self._forget(request_id)
 
     def has_unfinished(self) -> bool:
-        return bool(self.placement)
+        return bool(self.placement or self.parked)
 
     def take_failures(self) -> list[tuple[str, Exception]]:
         failures, self._failures = self._failures, []
@@ -229,6 +246,8 @@ class ClusterEngine(RequestIntake):
             else:
                 self._absorb(instance, result, outputs)
             instance.poll = instance.actor.poll.remote()
+        if self.parked:
+            self._resume_parked()
         self.last_step_time = self.clock() - start
         return outputs
 
@@ -245,10 +264,13 @@ class ClusterEngine(RequestIntake):
                 continue  # aborted meanwhile
             if out.finished:
                 del self.placement[out.request_id]
+                self._forget(out.request_id)
+            else:
+                self._latest[out.request_id] = out
             outputs.append(out)
         for request_id, message in result.failures:
             if self.placement.pop(request_id, None) is not None:
-                self._failures.append((request_id, RuntimeError(message)))
+                self._fail(request_id, message)
         for handoff in result.handoffs:
             self._hand_off(instance, handoff)
 
@@ -260,7 +282,7 @@ class ClusterEngine(RequestIntake):
             if direct:  # the KV waits on the prefill's device: let it go
                 source.actor.drop_kv.remote(request_id)
             if self.placement.pop(request_id, None) is not None:
-                self._failures.append((request_id, RuntimeError("no decode instance is up")))
+                self._fail(request_id, "no decode instance is up")
             return  # else: aborted while it was prefilled
         target.sent_blocks += -(-handoff.request.num_tokens // self._block_size)
         if direct:
@@ -273,18 +295,58 @@ class ClusterEngine(RequestIntake):
         self.placement[request_id] = target.index
 
     def _instance_failed(self, instance: Instance, error: Exception) -> None:
-        """Its requests end with an error; Ray restarts the actor, and routing skips it until
-        a poll answers again."""
+        """Its requests wait to resume elsewhere (or on it, once Ray has restarted it: routing
+        skips it until a poll answers again)."""
         if instance.alive:
             log.error("engine instance %d (%s) died: %s", instance.index, instance.role,
                       type(error).__name__)
         instance.alive = False
         lost = [r for r, i in self.placement.items() if i == instance.index]
+        deadline = self.clock() + self.config.resume_timeout_s
         for request_id in lost:
             del self.placement[request_id]
-            self._failures.append((request_id, RuntimeError(
+            self.parked[request_id] = Parked(self._resumable(request_id), deadline, (
                 f"engine instance {instance.index} ({instance.role}) died while serving this "
-                "request")))
+                "request, and no instance could take it over"))
+        self._resume_parked()
+
+    def _resumable(self, request_id: str) -> Request:
+        """The request as the client has it so far: its prompt and the tokens already
+        streamed, which the next instance computes again (as for a preempted request) before
+        it samples the next token; its first-token time stays the one the client saw."""
+        request, latest = self._submitted[request_id], self._latest.get(request_id)
+        if latest is None:
+            return request  # no token out yet: it starts over
+        resumed = request.handoff_copy()
+        resumed.output_token_ids = list(latest.token_ids)
+        resumed.first_scheduled_time = latest.timings["first_scheduled_time"]
+        resumed.first_token_time = latest.timings["first_token_time"]
+        return resumed
+
+    def _resume_parked(self) -> None:
+        for request_id, parked in list(self.parked.items()):
+            target = self._resume_target(parked.request)
+            if target is not None:
+                del self.parked[request_id]
+                self._send(parked.request, target)
+            elif self.clock() > parked.deadline:
+                del self.parked[request_id]
+                self._fail(request_id, parked.reason)
+
+    def _resume_target(self, request: Request) -> Instance | None:
+        """A request past its first token goes straight to a decode instance (its prefill
+        there replaces the handoff); one without goes where a new prompt would."""
+        if not request.output_token_ids or self.config.mode == "colocated":
+            return self._route_prompt(request)
+        return self._pick_decode(request)
+
+    def _fail(self, request_id: str, message: str) -> None:
+        self._failures.append((request_id, RuntimeError(message)))
+        self._forget(request_id)
+
+    def _forget(self, request_id: str) -> None:
+        self._submitted.pop(request_id, None)
+        self._latest.pop(request_id, None)
 
     # ---- routing ---------------------------------------------------------------------------
     @property

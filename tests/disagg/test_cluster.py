@@ -67,27 +67,26 @@ def test_prefill_then_decode_equals_colocated_engine(cluster, llm):
     wait_for_idle_blocks(cluster)  # on both sides: the prefill gave its blocks back at handoff
 
 
-def test_killed_decode_instance_fails_its_requests_and_comes_back(cluster):
-    params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
-    requests = [cluster.make_request(chat(p), params) for p in CHAT_PROMPTS[:3]]
+def test_killed_decode_instance_resumes_its_requests_once_back(cluster, llm):
+    """Ray restarts a decode actor killed mid-stream; its requests wait, are prefilled again
+    there with the tokens already streamed, and end with the tokens of an uninterrupted run;
+    every block comes back on both sides."""
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    prompts = [chat(p) for p in CHAT_PROMPTS[:3]]
+    expected = [r.token_ids for r in llm.generate(prompts, params)]
+    requests = [cluster.make_request(p, params) for p in prompts]
     decode = cluster.instances[1]
     killed = []
 
     def kill_mid_stream(tokens):
         if not killed and any(len(t) >= 5 for t in tokens.values()):
             ray.kill(decode.actor, no_restart=False)  # Ray restarts it
-            killed.append(True)
+            killed.append({k: len(t) for k, t in tokens.items()})
 
     tokens, errors = drive(cluster, requests, until=kill_mid_stream)
-    assert killed and set(errors) == {r.request_id for r in requests}
-    assert all("died" in str(e) for e in errors.values())
-    # later requests succeed once the actor is back
-    deadline = time.monotonic() + 120
-    while not decode.alive and time.monotonic() < deadline:
-        cluster.step()
-    later = cluster.make_request(chat("Hi!"), SamplingParams(max_tokens=8, temperature=0))
-    tokens, errors = drive(cluster, [later])
-    assert not errors and len(tokens[later.request_id]) == 8
+    assert killed and not errors
+    assert any(0 < n < 40 for n in killed[0].values())  # it did die mid-stream
+    assert [tokens[r.request_id] for r in requests] == expected
     wait_for_idle_blocks(cluster)
 
 
