@@ -90,47 +90,41 @@ def test_killed_decode_instance_resumes_its_requests_once_back(cluster, llm):
     wait_for_idle_blocks(cluster)
 
 
-def test_tensor_parallel_instances_hand_kv_over_rank_to_rank(local_ray):
-    """tp=2 prefill and tp=2 decode instances (2 processes each), direct link between their
-    rank-0 processes: rank i's KV heads reach rank i on the other side, and the tokens equal
-    one unsharded engine's."""
+def assert_cluster_gives_one_engines_tokens(options: dict, replica_spec, prompts, max_tokens):
+    """Greedy tokens of a 1 prefill + 1 decode cluster equal one engine's; blocks come back."""
+    import torch
+
     from sloserve import LLM
 
-    options = dict(model="dummy:qwen2-tiny", num_kv_blocks=64)
-    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    prompts = [[(11 * i + j) % 3000 + 7 for j in range(5 + 23 * i)] for i in range(4)]
-    expected = [r.token_ids for r in LLM(**options).generate(prompts, params)]
-    tp_cluster = ClusterEngine(ClusterConfig(mode="disagg", replica_spec=((2, 1), (2, 1)),
-                                             partition_id=1, engine_kwargs=options))
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    llm = LLM(**options)
+    expected = [r.token_ids for r in llm.generate(prompts, params)]
+    del llm  # its GPU memory, before the instances take theirs
+    torch.cuda.empty_cache()
+    cluster = ClusterEngine(ClusterConfig(mode="disagg", replica_spec=replica_spec,
+                                          partition_id=1, engine_kwargs=options))
     try:
-        requests = [tp_cluster.make_request(p, params) for p in prompts]
-        tokens, errors = drive(tp_cluster, requests)
+        requests = [cluster.make_request(p, params) for p in prompts]
+        tokens, errors = drive(cluster, requests)
         assert not errors
         assert [tokens[r.request_id] for r in requests] == expected
-        wait_for_idle_blocks(tp_cluster)
+        wait_for_idle_blocks(cluster)
     finally:
-        tp_cluster.shutdown()
+        cluster.shutdown()
+
+
+def test_tensor_parallel_instances_hand_kv_over_rank_to_rank(local_ray):
+    """tp=2 prefill and tp=2 decode instances (2 processes each), direct link between their
+    rank-0 processes: rank i's KV heads reach rank i on the other side."""
+    prompts = [[(11 * i + j) % 3000 + 7 for j in range(5 + 23 * i)] for i in range(4)]
+    assert_cluster_gives_one_engines_tokens(dict(model="dummy:qwen2-tiny", num_kv_blocks=64),
+                                            ((2, 1), (2, 1)), prompts, max_tokens=12)
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.device_count() >= 2, reason="needs two GPUs")
 def test_direct_link_between_two_gpus_gives_one_engines_tokens(local_ray):
-    """A prefill and a decode instance on two GPUs, KV over their NCCL link on side streams:
-    greedy tokens (float32) equal one engine's, every block back on both GPUs."""
-    from sloserve import LLM
-
-    options = dict(model="dummy:qwen2-tiny", num_kv_blocks=1024, dtype="float32")
-    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    """A prefill and a decode instance on two GPUs, KV over their NCCL link on side streams
+    (float32, so that the tokens can be compared; passed on two H200s)."""
     prompts = [[(13 * i + j) % 3000 + 7 for j in range(40 + 90 * i)] for i in range(12)]
-    llm = LLM(**options)
-    expected = [r.token_ids for r in llm.generate(prompts, params)]
-    del llm
-    gpu_cluster = ClusterEngine(ClusterConfig(mode="disagg", replica_spec=((1, 1), (1, 1)),
-                                              partition_id=1, engine_kwargs=options))
-    try:
-        requests = [gpu_cluster.make_request(p, params) for p in prompts]
-        tokens, errors = drive(gpu_cluster, requests)
-        assert not errors
-        assert [tokens[r.request_id] for r in requests] == expected
-        wait_for_idle_blocks(gpu_cluster)
-    finally:
-        gpu_cluster.shutdown()
+    options = dict(model="dummy:qwen2-tiny", num_kv_blocks=1024, dtype="float32")
+    assert_cluster_gives_one_engines_tokens(options, ((1, 1), (1, 1)), prompts, max_tokens=24)
