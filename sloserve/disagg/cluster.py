@@ -273,6 +273,12 @@ class ClusterEngine(RequestIntake):
                 self._fail(request_id, message)
         for handoff in result.handoffs:
             self._hand_off(instance, handoff)
+        for request_id in result.lost:  # its prefill instance died while sending its KV
+            if self.placement.pop(request_id, None) is not None:
+                self._park(request_id, f"the KV of this request was lost on its way to engine "
+                                       f"instance {instance.index}")
+        if result.lost:
+            self._resume_parked()
 
     def _hand_off(self, source: Instance, handoff: Handoff) -> None:
         request_id = handoff.request.request_id
@@ -302,13 +308,16 @@ class ClusterEngine(RequestIntake):
                       type(error).__name__)
         instance.alive = False
         lost = [r for r, i in self.placement.items() if i == instance.index]
-        deadline = self.clock() + self.config.resume_timeout_s
         for request_id in lost:
             del self.placement[request_id]
-            self.parked[request_id] = Parked(self._resumable(request_id), deadline, (
-                f"engine instance {instance.index} ({instance.role}) died while serving this "
-                "request, and no instance could take it over"))
+            self._park(request_id, f"engine instance {instance.index} ({instance.role}) died "
+                                   "while serving this request")
         self._resume_parked()
+
+    def _park(self, request_id: str, what_happened: str) -> None:
+        self.parked[request_id] = Parked(
+            self._resumable(request_id), self.clock() + self.config.resume_timeout_s,
+            f"{what_happened}, and no instance could take it over")
 
     def _resumable(self, request_id: str) -> Request:
         """The request as the client has it so far: its prompt and the tokens already
@@ -364,6 +373,8 @@ class ClusterEngine(RequestIntake):
             decode = self._decode_with_slack(request, prefill)
             if decode is not None:
                 return decode
+        if prefill is None:  # every prefill instance is down: a decode instance prefills too
+            return min(self._live("decode"), key=self._queued, default=None)
         return prefill
 
     def _queued(self, instance: Instance) -> int:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 log = logging.getLogger("sloserve.disagg")
 
 TIMEOUT = datetime.timedelta(seconds=120)
+OnError = Callable[[Exception], None]
 
 
 def link_address() -> tuple[str, int]:
@@ -38,19 +39,34 @@ class KVLink:
     def __init__(self, rank: int, host: str, port: int, device: torch.device):
         self.rank = rank  # 0: the prefill side (sends), 1: the decode side (receives)
         self.device = device
-        self._jobs: dict[int, Callable[[], None]] = {}
+        self._jobs: dict[int, tuple[Callable[[], None], OnError]] = {}
         self._next = 0
         self._ready = threading.Condition()
+        self._broken: Exception | None = None  # set once: every job after fails with it
         self._group = None
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         threading.Thread(target=self._run, args=(host, port), daemon=True,
                          name=f"kv-link-{rank}").start()
 
-    def post(self, seq: int, job: Callable[[], None]) -> None:
-        """Run `job` once every job numbered below `seq` has run."""
+    def post(self, seq: int, job: Callable[[], None], on_error: OnError) -> None:
+        """Run `job` once every job numbered below `seq` has run; if the link breaks first
+        (or `job` raises), `on_error(the error)` runs instead, on some thread."""
         with self._ready:
-            self._jobs[seq] = job
+            broken = self._broken
+            if broken is None:
+                self._jobs[seq] = job, on_error
+                self._ready.notify_all()
+        if broken is not None:
+            on_error(broken)
+
+    def close(self, error: Exception) -> None:
+        """Fail every job not yet started (a link replaced after its peer restarted)."""
+        with self._ready:
+            self._broken = self._broken or error
+            failed, self._jobs = list(self._jobs.values()), {}
             self._ready.notify_all()
+        for _, on_error in failed:
+            on_error(self._broken)
 
     def send(self, kv: torch.Tensor, ready: torch.cuda.Event | None) -> None:
         """ready: an event recorded after kv was written (None on the CPU)."""
@@ -87,17 +103,25 @@ class KVLink:
             self._group = dist.ProcessGroupGloo(store, self.rank, 2, TIMEOUT)
 
     def _run(self, host: str, port: int) -> None:
-        self._connect(host, port)  # blocks until the other side has joined
+        try:
+            self._connect(host, port)  # blocks until the other side has joined
+        except Exception as e:  # the peer never came: nothing can move here
+            self.close(e)
+            return
         while True:
             with self._ready:
-                while self._next not in self._jobs:
+                while self._next not in self._jobs and self._broken is None:
                     self._ready.wait()
-                job = self._jobs.pop(self._next)
+                if self._broken is not None:
+                    return
+                job, on_error = self._jobs.pop(self._next)
                 self._next += 1
             try:
                 job()
-            except Exception:  # the peer died: this link is dead, the front end opens another
-                log.exception("KV link failed")
+            except Exception as e:  # the peer died: the link is dead for good
+                log.warning("KV link (rank %d) failed: %s", self.rank, e)
+                on_error(e)
+                self.close(e)
                 return
 
 

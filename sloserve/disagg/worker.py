@@ -118,6 +118,7 @@ class PollResult:
     outputs: list[RequestOutput] = field(default_factory=list)
     handoffs: list[Handoff] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)  # (request id, message)
+    lost: list[str] = field(default_factory=list)  # requests whose KV never arrived here
     stats: InstanceStats | None = None
 
 
@@ -166,11 +167,15 @@ class InstanceWorker:
 
     def open_link(self, peer: int, rank: int, host: str, port: int) -> None:
         """Join a link with `peer` (replacing any earlier one: the peer was restarted)."""
+        old = self._links.get(peer)
         self._links[peer] = KVLink(rank, host, port, self.engine.runner.device)
+        if old is not None:
+            old.close(RuntimeError(f"the link to instance {peer} was replaced"))
 
     def send_kv(self, peer: int, seq: int, request_id: str) -> None:
+        """The receiving side reports a transfer that fails; this side lets the KV go."""
         (kv, ready), link = self._outgoing.pop(request_id), self._links[peer]
-        link.post(seq, lambda: link.send(kv, ready))
+        link.post(seq, lambda: link.send(kv, ready), on_error=lambda e: None)
 
     def drop_kv(self, request_id: str) -> None:
         self._outgoing.pop(request_id, None)
@@ -183,12 +188,18 @@ class InstanceWorker:
             handoff.request.kv_transfer_time = time.time() - handoff.exported_at
             self._inbox.put(("import", handoff))
 
-        link.post(seq, receive)
+        def lost(error: Exception) -> None:
+            with self._changed:
+                self._result.lost.append(handoff.request.request_id)
+                self._changed.notify_all()
+
+        link.post(seq, receive, lost)
 
     def poll(self, timeout: float = 0.05) -> PollResult:
         """What happened since the last poll; waits up to `timeout` for something."""
         with self._changed:
-            if not (self._result.outputs or self._result.handoffs or self._result.failures):
+            r = self._result
+            if not (r.outputs or r.handoffs or r.failures or r.lost):
                 self._changed.wait(timeout)
             result, self._result = self._result, PollResult()
             result.stats = self._snapshot

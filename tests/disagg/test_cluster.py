@@ -90,6 +90,21 @@ def test_killed_decode_instance_resumes_its_requests_once_back(cluster, llm):
     wait_for_idle_blocks(cluster)
 
 
+def test_while_the_prefill_instance_is_down_a_decode_instance_prefills(cluster):
+    prefill = cluster.instances[0]
+    ray.kill(prefill.actor, no_restart=False)
+    deadline = time.monotonic() + 30
+    while prefill.alive and time.monotonic() < deadline:
+        cluster.step()
+    assert not prefill.alive
+    request = cluster.make_request(chat("Hi!"), SamplingParams(max_tokens=8, temperature=0))
+    cluster.submit(request)
+    assert cluster.placement[request.request_id] == 1
+    tokens, errors = drive(cluster, [])
+    assert not errors and len(tokens[request.request_id]) == 8
+    wait_for_idle_blocks(cluster)  # the prefill instance is back, links reopened
+
+
 def assert_cluster_gives_one_engines_tokens(options: dict, replica_spec, prompts, max_tokens):
     """Greedy tokens of a 1 prefill + 1 decode cluster equal one engine's; blocks come back."""
     import torch
