@@ -1,11 +1,11 @@
-"""The engine's front door: bad input, sampling, stop strings."""
+"""The engine's front door: bad input, sampling, stop strings, resumed requests."""
 
 from __future__ import annotations
 
 import pytest
 
 from sloserve import SamplingParams
-from tests.conftest import chat
+from tests.conftest import CHAT_PROMPTS, chat
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -61,3 +61,26 @@ def test_timings_are_ordered(llm):
     t = r.timings
     assert t["arrival_time"] <= t["first_scheduled_time"] <= t["first_token_time"]
     assert t["first_token_time"] <= t["finish_time"] and len(r.token_ids) == 5
+
+
+def test_a_request_resumed_from_its_streamed_tokens_continues_the_same_text(llm):
+    """What a disaggregated front end does when an instance dies: the prompt plus the tokens
+    already streamed are prefilled again; the text goes on from where the client is."""
+    from sloserve.request import Request
+
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    [whole] = llm.generate([chat(CHAT_PROMPTS[3])], params)
+    engine = llm.engine
+    original = engine.make_request(chat(CHAT_PROMPTS[3]), params)
+    resumed = Request.handoff_copy(original)
+    resumed.output_token_ids = list(whole.token_ids[:10])
+    engine.submit(resumed)
+    outputs = []
+    while engine.has_unfinished():
+        outputs.extend(engine.step())
+    assert outputs[0].num_new_tokens == 1 and outputs[-1].finished
+    assert outputs[-1].token_ids == whole.token_ids
+    assert outputs[-1].text == whole.text
+    streamed_before = llm.tokenizer.decode(whole.token_ids[:10])
+    assert streamed_before + "".join(o.delta_text for o in outputs) == whole.text
+    assert engine.blocks.num_used_blocks == 0
