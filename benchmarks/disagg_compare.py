@@ -144,8 +144,7 @@ def main() -> None:
                                               partition_id=args.partition_id,
                                               engine_kwargs=engine_kwargs,
                                               latency_profile=str(PROFILE),
-                                              kv_transfer=args.kv_transfer
-                                              if mode != "colocated" else "object-store"))
+                                              kv_transfer=args.kv_transfer))
         blocks = cluster.instances[0].stats.num_blocks
         for name in args.workloads.split(","):
             for rate in (float(r) for r in args.rates.split(",")):
