@@ -185,14 +185,15 @@ class ClusterEngine(RequestIntake):
         return instances
 
     def _open_links(self, instance: Instance) -> None:
-        """Direct transfer: (re)open the links between `instance` and every instance of the
-        other role (at start, and when a restarted actor answers again)."""
+        """Direct transfer: (re)open the links between `instance` and every live instance of
+        the other role (at start, and when a restarted actor answers again: a peer that is
+        down does the same once it is back)."""
         import ray
 
         if self.config.kv_transfer != "direct" or instance.role == "colocated":
             return
         other = "decode" if instance.role == "prefill" else "prefill"
-        for peer in (i for i in self.instances if i.role == other):
+        for peer in (i for i in self.instances if i.role == other and i.alive):
             prefill, decode = (instance, peer) if instance.role == "prefill" else (peer, instance)
             host, port = ray.get(prefill.actor.kv_link_address.remote())
             prefill.actor.open_link.remote(decode.index, 0, host, port)

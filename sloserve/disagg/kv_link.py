@@ -21,6 +21,7 @@ import torch.distributed as dist
 log = logging.getLogger("sloserve.disagg")
 
 TIMEOUT = datetime.timedelta(seconds=120)
+JOB_TIMEOUT_S = 60.0  # a transfer takes milliseconds; one this late has lost its peer
 OnError = Callable[[Exception], None]
 
 
@@ -36,9 +37,11 @@ def link_address() -> tuple[str, int]:
 
 
 class KVLink:
-    def __init__(self, rank: int, host: str, port: int, device: torch.device):
+    def __init__(self, rank: int, host: str, port: int, device: torch.device,
+                 job_timeout_s: float = JOB_TIMEOUT_S):
         self.rank = rank  # 0: the prefill side (sends), 1: the decode side (receives)
         self.device = device
+        self.job_timeout_s = job_timeout_s
         self._jobs: dict[int, tuple[Callable[[], None], OnError]] = {}
         self._next = 0
         self._ready = threading.Condition()
@@ -116,13 +119,42 @@ class KVLink:
                     return
                 job, on_error = self._jobs.pop(self._next)
                 self._next += 1
-            try:
-                job()
-            except Exception as e:  # the peer died: the link is dead for good
-                log.warning("KV link (rank %d) failed: %s", self.rank, e)
-                on_error(e)
-                self.close(e)
+            if not self._run_job(job, once(on_error)):
                 return
+
+    def _run_job(self, job: Callable[[], None], on_error: OnError) -> bool:
+        """Whether the link still works after `job`. NCCL notices a dead peer only when its
+        watchdog gives up (10 minutes by default), so a job past job_timeout_s breaks the link
+        at once: its requests resume elsewhere while this thread stays stuck in NCCL."""
+        def expire() -> None:
+            error = TimeoutError(f"KV transfer took over {self.job_timeout_s:g} s")
+            on_error(error)
+            self.close(error)
+
+        watchdog = threading.Timer(self.job_timeout_s, expire)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            job()
+        except Exception as e:  # the peer died: the link is dead for good
+            log.warning("KV link (rank %d) failed: %s", self.rank, e)
+            on_error(e)
+            self.close(e)
+        finally:
+            watchdog.cancel()
+        with self._ready:
+            return self._broken is None
+
+
+def once(on_error: OnError) -> OnError:
+    """on_error that acts on its first call only (a job can both time out and fail)."""
+    called = threading.Lock()
+
+    def call(error: Exception) -> None:
+        if called.acquire(blocking=False):
+            on_error(error)
+
+    return call
 
 
 def to_engine_stream(kv: torch.Tensor) -> None:

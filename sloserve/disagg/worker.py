@@ -182,16 +182,20 @@ class InstanceWorker:
 
     def receive_kv(self, peer: int, seq: int, handoff: Handoff) -> None:
         link = self._links[peer]
+        settled = threading.Lock()  # a transfer given up as lost must not arrive after all
 
         def receive() -> None:
-            handoff.kv = link.receive(handoff.shape, handoff.dtype)
-            handoff.request.kv_transfer_time = time.time() - handoff.exported_at
-            self._inbox.put(("import", handoff))
+            kv = link.receive(handoff.shape, handoff.dtype)
+            if settled.acquire(blocking=False):
+                handoff.kv = kv
+                handoff.request.kv_transfer_time = time.time() - handoff.exported_at
+                self._inbox.put(("import", handoff))
 
         def lost(error: Exception) -> None:
-            with self._changed:
-                self._result.lost.append(handoff.request.request_id)
-                self._changed.notify_all()
+            if settled.acquire(blocking=False):
+                with self._changed:
+                    self._result.lost.append(handoff.request.request_id)
+                    self._changed.notify_all()
 
         link.post(seq, receive, lost)
 

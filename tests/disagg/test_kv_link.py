@@ -50,3 +50,23 @@ def test_link_moves_kv_in_order_and_a_dead_peer_fails_what_waits():
     assert len(errors) == 2 and 3 not in got and 4 not in got
     receiver.post(5, receive(5), failed)  # a broken link fails at once
     assert done.acquire(timeout=5) and len(errors) == 3
+
+
+def test_a_transfer_past_its_timeout_breaks_the_link_once():
+    """A peer that joined but never sends (as a stuck NCCL peer looks): the waiting transfer
+    fails after the link's job timeout, once, and the link takes nothing more."""
+    port, cpu = free_port(), torch.device("cpu")
+    links = [KVLink(0, "127.0.0.1", port, cpu),  # joins, never sends
+             KVLink(1, "127.0.0.1", port, cpu, job_timeout_s=0.5)]
+    receiver = links[1]
+    errors, failed = [], threading.Event()
+
+    def on_error(error: Exception) -> None:
+        errors.append(error)
+        failed.set()
+
+    receiver.post(0, lambda: receiver.receive((4,), torch.float32), on_error)
+    assert failed.wait(timeout=30)
+    assert isinstance(errors[0], TimeoutError)
+    receiver.post(1, lambda: None, on_error)
+    assert len(errors) == 2  # failed at once: the link is broken
