@@ -308,5 +308,6 @@ class InstanceWorker:
             num_waiting=len(scheduler.waiting) + len(scheduler.preempted) + len(self._imports),
             free_blocks=blocks.num_free_blocks, num_blocks=blocks.num_blocks,
             tpot_slack=tpot_slack(scheduler.running, self.engine.clock(),
-                                  self._latency.decode_time(len(scheduler.running))),
+                                  self._latency.decode_time(len(scheduler.running)))
+            if self.role == "decode" else None,  # only tropical routing reads it
             last_step_time=self.engine.last_step_time)
