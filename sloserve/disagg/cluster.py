@@ -247,7 +247,7 @@ class ClusterEngine(RequestIntake):
             else:
                 self._absorb(instance, result, outputs)
             instance.poll = instance.actor.poll.remote()
-        if self.parked:
+        if self.parked:  # lost with an instance or a link just now, or still waiting
             self._resume_parked()
         self.last_step_time = self.clock() - start
         return outputs
@@ -278,8 +278,6 @@ class ClusterEngine(RequestIntake):
             if self.placement.pop(request_id, None) is not None:
                 self._park(request_id, f"the KV of this request was lost on its way to engine "
                                        f"instance {instance.index}")
-        if result.lost:
-            self._resume_parked()
 
     def _hand_off(self, source: Instance, handoff: Handoff) -> None:
         request_id = handoff.request.request_id
@@ -313,7 +311,6 @@ class ClusterEngine(RequestIntake):
             del self.placement[request_id]
             self._park(request_id, f"engine instance {instance.index} ({instance.role}) died "
                                    "while serving this request")
-        self._resume_parked()
 
     def _park(self, request_id: str, what_happened: str) -> None:
         self.parked[request_id] = Parked(

@@ -132,7 +132,8 @@ class InstanceWorker:
         self._latency = (LatencyModel.from_file(latency_profile) if latency_profile
                          else LatencyModel.default())  # decode steps, for tpot_slack
         self._links: dict[int, KVLink] = {}  # direct transfer: peer instance -> link
-        self._outgoing: dict[str, torch.Tensor] = {}  # direct: KV waiting for its link
+        # direct: KV (and the event marking it written) waiting for its link
+        self._outgoing: dict[str, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
         self.engine = LLMEngine(EngineConfig.from_kwargs(**engine_kwargs))
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._result = PollResult()
