@@ -27,18 +27,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save  # noqa: E402
 
-from sloserve.bench import workload as workloads  # noqa: E402
+from sloserve.workload import spec as workloads  # noqa: E402
 from sloserve.bench.local import run_engine  # noqa: E402
-from sloserve.bench.metrics import summarize  # noqa: E402
-from sloserve.core.latency import LatencyModel  # noqa: E402
-from sloserve.core.scheduler import SchedulerConfig  # noqa: E402
-from sloserve.disagg.cluster import (  # noqa: E402
+from sloserve.cluster.frontend import (  # noqa: E402
     ClusterConfig,
     ClusterEngine,
     parse_replica_spec,
 )
+from sloserve.config import SchedulerConfig  # noqa: E402
+from sloserve.core.latency import LatencyModel  # noqa: E402
 from sloserve.request import SLO  # noqa: E402
 from sloserve.sim.run import Deployment, simulate  # noqa: E402
+from sloserve.workload.metrics import summarize  # noqa: E402
 
 PROFILE = Path(__file__).resolve().parents[1] / "sloserve/core/profiles/gpu-h100-llama-3-8b.json"
 KV_BYTES_PER_TOKEN = 2 * 32 * 8 * 128 * 2  # Llama-3-8B, bf16

@@ -20,12 +20,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save  # noqa: E402
+from sloserve.runner import ModelRunner  # noqa: E402
 
 from sloserve.core.plan import Plan, ScheduledChunk  # noqa: E402
 from sloserve.model import loader  # noqa: E402
 from sloserve.model.attention import TorchPagedAttention  # noqa: E402
 from sloserve.request import Request, SamplingParams  # noqa: E402
-from sloserve.runner import ModelRunner  # noqa: E402
 
 BLOCK = 16
 

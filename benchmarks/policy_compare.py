@@ -16,12 +16,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save  # noqa: E402
 
-from sloserve.bench import workload  # noqa: E402
+from sloserve.workload import spec as workload  # noqa: E402
 from sloserve.bench.local import run_engine  # noqa: E402
-from sloserve.bench.metrics import summarize  # noqa: E402
-from sloserve.core.scheduler import SchedulerConfig  # noqa: E402
-from sloserve.engine import EngineConfig, LLMEngine  # noqa: E402
+from sloserve.config import (
+    EngineConfig,
+    SchedulerConfig,  # noqa: E402
+)
+from sloserve.engine import LLMEngine  # noqa: E402
 from sloserve.request import SLO  # noqa: E402
+from sloserve.workload.metrics import summarize  # noqa: E402
 
 
 def scaled(spec: workload.WorkloadSpec, factor: float) -> workload.WorkloadSpec:

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import save  # noqa: E402
 
 from sloserve import LLM, SamplingParams  # noqa: E402
-from sloserve.bench.datasets import vicuna_questions  # noqa: E402
+from sloserve.workload.datasets import vicuna_questions  # noqa: E402
 from tests.server.conftest import ServerProcess  # noqa: E402
 
 

@@ -11,7 +11,10 @@ def __getattr__(name: str):
     if name == "LLM":
         from sloserve.llm import LLM
         return LLM
-    if name in ("LLMEngine", "EngineConfig"):
-        from sloserve import engine
-        return getattr(engine, name)
+    if name == "LLMEngine":
+        from sloserve.engine import LLMEngine
+        return LLMEngine
+    if name == "EngineConfig":
+        from sloserve.config import EngineConfig
+        return EngineConfig
     raise AttributeError(name)

@@ -1,4 +1,4 @@
-"""LLMEngine (add_request / step / abort / has_unfinished) and the offline LLM front door."""
+"""LLMEngine: one engine (its ranks included) behind the EngineClient interface."""
 
 from __future__ import annotations
 
@@ -6,87 +6,28 @@ import dataclasses
 import itertools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from sloserve.config import EngineConfig
 from sloserve.core.kv_blocks import BlockManager
-from sloserve.core.scheduler import Scheduler, SchedulerConfig
+from sloserve.core.scheduler import Scheduler
 from sloserve.detokenizer import IncrementalDetokenizer
-from sloserve.model import loader
-from sloserve.model.gpu_memory import kv_blocks_for_gpu
+from sloserve.interface import EngineStats, Prompt, RequestOutput, RequestTimings
 from sloserve.request import SLO, Request, RequestStatus, SamplingParams
-from sloserve.runner import ModelRunner
-
-Prompt = str | list[int] | list[dict[str, str]]  # text, token ids, or chat messages
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    model: str | None = None  # HF folder, .gguf file, dummy:SHAPE; None: embedded SmolLM2
-    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on GPU
-    device: str = "auto"  # auto: cuda when available
-    block_size: int = 16  # tokens per KV block
-    num_kv_blocks: int | None = None  # None: from the memory settings below
-    kv_cache_memory_gb: float = 1.0  # KV cache size on CPU when num_kv_blocks is None
-    gpu_memory_utilization: float = 0.9  # on GPU: share of its memory for weights + KV + steps
-    attention_backend: str = "auto"  # auto: Triton kernels on CUDA, pure torch elsewhere
-    enforce_eager: bool = False  # on CUDA: no graphs for decode steps
-    tensor_parallel_size: int = 1  # ranks (processes, one GPU each on CUDA) of this engine
-    max_model_len: int | None = None  # None: the model's own context
-    enable_prefix_caching: bool = True
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-
-    @property
-    def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        if self.dtype == "auto":
-            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16,
-                "float16": torch.float16}[self.dtype]
-
-    @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
-        """Sort flat keyword arguments into this config and its scheduler config."""
-        mine = {f.name for f in dataclasses.fields(cls)}
-        sched = {f.name for f in dataclasses.fields(SchedulerConfig)}
-        unknown = set(kwargs) - mine - sched
-        if unknown:
-            raise TypeError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
-        scheduler = kwargs.pop("scheduler", None) or SchedulerConfig(
-            **{k: kwargs.pop(k) for k in list(kwargs) if k in sched})
-        return cls(scheduler=scheduler, **kwargs)
-
-
-@dataclass
-class RequestOutput:
-    """What one step produced for one request; `text` and `token_ids` are cumulative."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    text: str
-    delta_text: str
-    token_ids: list[int]
-    num_new_tokens: int
-    finished: bool
-    finish_reason: str | None
-    timings: dict[str, float | None]
-    slo: SLO
+from sloserve.worker.ranks import start_runner
 
 
 class RequestIntake:
-    """Prompt -> validated Request: shared by LLMEngine and the disaggregated front end.
-    Needs tokenizer, model_config, max_model_len, eos_token_id, clock, _ids and a
-    `scheduler` whose check() raises ValueError for a request that could never run."""
+    """Prompt -> validated Request: shared by LLMEngine and the cluster front end. Needs
+    tokenizer, model_config, max_model_len, eos_token_id, clock, _ids and check()."""
 
     tokenizer: Any
-    scheduler: Any
+
+    def check(self, request: Request) -> None:
+        """Raise ValueError if the request could never run here. No side effects."""
+        raise NotImplementedError
 
     # ---- intake ------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> list[int]:
@@ -125,7 +66,7 @@ class RequestIntake:
             prompt_token_ids=token_ids, sampling_params=params, slo=slo or SLO(),
             arrival_time=self.clock() if arrival_time is None else arrival_time,
             priority=priority, eos_token_id=self.eos_token_id)
-        self.scheduler.check(request)
+        self.check(request)
         return request
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
@@ -139,26 +80,16 @@ class RequestIntake:
 class LLMEngine(RequestIntake):
     def __init__(self, config: EngineConfig):
         self.config = config
-        size = config.tensor_parallel_size
-        self.ranks = None
-        if size > 1:
-            from sloserve.model.tensor_parallel import TensorParallelRanks, init_group
-            self.ranks = TensorParallelRanks(config, size)
-            init_group(0, size, self.ranks.port, config.torch_device)
-        model, num_blocks, loaded = build_model_and_blocks(config, 0, size)
+        self.runner = start_runner(config)
+        loaded = self.runner.loaded
         self.model_name, self.model_config, self.tokenizer = (
             loaded.name, loaded.config, loaded.tokenizer)
-        self.max_model_len = min(config.max_model_len or loaded.config.max_position_embeddings,
-                                 loaded.config.max_position_embeddings)
-        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        scheduler_config = dataclasses.replace(config.scheduler, max_model_len=self.max_model_len)
-        self.scheduler = Scheduler(scheduler_config, self.blocks)
-        # CUDA graphs are single-rank for now: NCCL inside captured graphs is not wired up
-        graphs = (config.torch_device.type == "cuda" and not config.enforce_eager
-                  and config.attention_backend != "torch" and size == 1)
-        self.runner = ModelRunner(model, num_blocks, config.block_size,
-                                  cuda_graph_max_batch=scheduler_config.max_num_seqs * graphs)
-        self.runner.ranks = self.ranks
+        context = loaded.config.max_position_embeddings
+        self.max_model_len = min(config.scheduler.max_model_len or context, context)
+        self.blocks = BlockManager(self.runner.num_blocks, config.block_size,
+                                   config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            dataclasses.replace(config.scheduler, max_model_len=self.max_model_len), self.blocks)
         self.eos_token_id = eos_token_id(self.tokenizer, self.model_config)
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
@@ -166,13 +97,13 @@ class LLMEngine(RequestIntake):
         self.last_step_time = 0.0
 
     def shutdown(self) -> None:
-        """Stop the other tensor-parallel ranks (nothing to do with one)."""
-        if self.ranks is not None:
-            self.ranks.shutdown()
-            self.ranks = None
+        self.runner.shutdown()
+
+    def check(self, request: Request) -> None:
+        self.scheduler.check(request)
 
     def submit(self, request: Request) -> Request:
-        """Queue a request built by make_request."""
+        """Queue a request built by make_request (ValueError if it could never run here)."""
         self.scheduler.add(request)
         detok = IncrementalDetokenizer(self.tokenizer, request.sampling_params.stop)
         detok.push(request.output_token_ids)  # resumed from a dead instance: text already out
@@ -197,10 +128,6 @@ class LLMEngine(RequestIntake):
         self._detokenizers[request.request_id] = detok
         return True
 
-    def take_failures(self) -> list[tuple[str, Exception]]:
-        """Requests that ended with an error outside a step (none in one process)."""
-        return []
-
     def abort(self, request_id: str) -> None:
         request = self.scheduler.abort(request_id, self.clock())
         if request is not None:
@@ -208,6 +135,12 @@ class LLMEngine(RequestIntake):
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(num_running=len(s.running),
+                           num_waiting=len(s.waiting) + len(s.preempted),
+                           num_preempted=len(s.preempted), kv_cache_usage=self.blocks.usage)
 
     # ---- one step ----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -230,36 +163,12 @@ class LLMEngine(RequestIntake):
         return RequestOutput(
             request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
             text=detok.text, delta_text=delta, token_ids=request.output_token_ids,
-            num_new_tokens=1, finished=request.is_finished,
-            finish_reason=request.status.finish_reason, timings=timings(request),
-            slo=request.slo)
+            finished=request.is_finished, finish_reason=request.status.finish_reason,
+            timings=RequestTimings.of(request), slo=request.slo)
 
     def _forget(self, request: Request) -> None:
         self._detokenizers.pop(request.request_id, None)
         self.runner.release(request.request_id)
-
-
-def build_model_and_blocks(config: EngineConfig, rank: int, size: int):
-    """Load this rank's model and size its KV cache (every rank runs this, in step: the GPU
-    sizing runs a forward, which all-reduces across the ranks). Returns the model, the number
-    of blocks all ranks agree on, and the loader's result (tokenizer, full config)."""
-    loaded = loader.load(config.model, config.torch_dtype, config.torch_device,
-                         config.block_size, config.attention_backend, rank, size)
-    model = loaded.model
-    if config.num_kv_blocks:
-        num_blocks = config.num_kv_blocks
-    elif config.torch_device.type == "cuda":
-        s = config.scheduler
-        num_blocks = kv_blocks_for_gpu(model, config.block_size, s.max_num_batched_tokens,
-                                       s.max_num_seqs, config.gpu_memory_utilization)
-    else:  # the shard's own KV heads
-        per_token = model.config.kv_bytes_per_token(config.torch_dtype.itemsize)
-        tokens = int(config.kv_cache_memory_gb * 2**30) // per_token
-        num_blocks = max(1, tokens // config.block_size)
-    if size > 1:
-        from sloserve.model.tensor_parallel import agree_on_blocks
-        num_blocks = agree_on_blocks(num_blocks, config.torch_device)
-    return model, num_blocks, loaded
 
 
 def eos_token_id(tokenizer: Any, model_config: Any) -> int | None:
@@ -267,14 +176,3 @@ def eos_token_id(tokenizer: Any, model_config: Any) -> int | None:
     if eos is None and model_config.eos_token_ids:
         eos = model_config.eos_token_ids[0]
     return eos
-
-
-def timings(request: Request) -> dict[str, float | None]:
-    return {"arrival_time": request.arrival_time,
-            "first_scheduled_time": request.first_scheduled_time,
-            "first_token_time": request.first_token_time,
-            "finish_time": request.finish_time,
-            "queueing_time": request.queueing_time,
-            "ttft": request.ttft,
-            "tpot": request.tpot,
-            "kv_transfer_time": request.kv_transfer_time}

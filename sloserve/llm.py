@@ -6,7 +6,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sloserve.engine import EngineConfig, LLMEngine, Prompt
+from sloserve.config import EngineConfig
+from sloserve.engine import LLMEngine
+from sloserve.interface import Prompt, RequestTimings
 from sloserve.request import SamplingParams
 
 
@@ -17,7 +19,7 @@ class GenerationResult:
     text: str
     token_ids: list[int]
     finish_reason: str | None
-    timings: dict[str, float | None]
+    timings: RequestTimings
 
 
 class LLM:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import httpx
 
-from sloserve.bench.metrics import RequestRecord
-from sloserve.bench.workload import RequestSpec
+from sloserve.workload.metrics import RequestRecord
+from sloserve.workload.spec import RequestSpec
 
 
 class EndpointError(Exception):

@@ -6,13 +6,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from sloserve.bench.metrics import RequestRecord
-from sloserve.bench.workload import RequestSpec
-from sloserve.engine import LLMEngine
+from sloserve.interface import EngineClient
 from sloserve.request import SamplingParams
+from sloserve.workload.metrics import RequestRecord
+from sloserve.workload.spec import RequestSpec
 
 
-def run_engine(engine: LLMEngine, specs: list[RequestSpec], temperature: float = 0.0,
+def run_engine(engine: EngineClient, specs: list[RequestSpec], temperature: float = 0.0,
                ignore_eos: bool = False, on_finish: Callable[[], None] | None = None
                ) -> tuple[list[RequestRecord], float]:
     """Returns the records in spec order and the run's duration in seconds."""
@@ -28,10 +28,10 @@ def run_engine(engine: LLMEngine, specs: list[RequestSpec], temperature: float =
             rid = f"bench-{spec.index}"
             prompt = spec.extra.get("tokens") or (
                 [{"role": "user", "content": spec.text}] if spec.chat else spec.text)
-            request = engine.add_request(prompt, SamplingParams(
+            request = engine.make_request(prompt, SamplingParams(
                 max_tokens=spec.max_tokens, temperature=temperature, ignore_eos=ignore_eos),
-                spec.slo, rid,
-                arrival_time=start + spec.arrival)
+                spec.slo, rid, arrival_time=start + spec.arrival)
+            engine.submit(request)
             records[rid] = RequestRecord.start(spec.index, spec.slo_class, spec.slo,
                                                spec.arrival)
             records[rid].prompt_tokens = request.num_prompt_tokens
@@ -40,19 +40,18 @@ def run_engine(engine: LLMEngine, specs: list[RequestSpec], temperature: float =
         if not engine.has_unfinished():
             time.sleep(max(0.0, pending[i].arrival - now))
             continue
-        for request_id, error in engine.take_failures():  # e.g. an instance died
-            records[request_id].error = str(error)
-            token_times.pop(request_id, None)
         for out in engine.step():
             t = time.monotonic() - start
+            if out.error is not None:  # e.g. its instance died past recovery
+                records[out.request_id].error = out.error
+                token_times.pop(out.request_id, None)
+                continue
             token_times[out.request_id].append(t)
             if out.finished:
                 record = records[out.request_id]
                 record.output_tokens = len(out.token_ids)
-                queued = out.timings["queueing_time"]
-                record.queue_ms = None if queued is None else queued * 1e3
-                transfer = out.timings.get("kv_transfer_time")
-                record.kv_transfer_ms = None if transfer is None else transfer * 1e3
+                ms = out.timings.as_ms(out.slo)
+                record.queue_ms, record.kv_transfer_ms = ms["queueing_ms"], ms["kv_transfer_ms"]
                 record.finish(token_times.pop(out.request_id), t)
                 if on_finish:
                     on_finish()

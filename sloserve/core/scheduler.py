@@ -8,26 +8,12 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
 
+from sloserve.config import SchedulerConfig
 from sloserve.core.kv_blocks import BlockManager
 from sloserve.core.plan import Plan, ScheduledChunk
 from sloserve.core.policies import Policy, make_policy
 from sloserve.request import Request, RequestStatus
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_seqs: int = 256  # requests running at once
-    max_num_batched_tokens: int = 2048  # tokens computed in one step
-    max_model_len: int = 8192  # prompt + output tokens of one request
-    policy: str = "fcfs"  # a name from core.policies
-    policy_options: Mapping[str, Any] = field(default_factory=dict)  # the policy's own knobs
-
-    def __post_init__(self) -> None:
-        if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
-            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
 
 
 class Scheduler:
@@ -47,7 +33,7 @@ class Scheduler:
     def check(self, request: Request) -> None:
         """Raise ValueError if the request could never run here. No side effects."""
         limit = self.config.max_model_len
-        if request.num_prompt_tokens >= limit:
+        if limit is not None and request.num_prompt_tokens >= limit:
             raise ValueError(
                 f"prompt has {request.num_prompt_tokens} tokens, which leaves no room to "
                 f"generate within the context of {limit} tokens")
@@ -224,7 +210,8 @@ class Scheduler:
             or (token == request.eos_token_id and not params.ignore_eos)
         ):
             return RequestStatus.FINISHED_STOPPED
-        if n >= params.max_tokens or request.num_tokens >= self.config.max_model_len:
+        limit = self.config.max_model_len
+        if n >= params.max_tokens or (limit is not None and request.num_tokens >= limit):
             return RequestStatus.FINISHED_LENGTH
         return None
 
@@ -241,3 +228,7 @@ class Scheduler:
     @property
     def num_unfinished(self) -> int:
         return len(self._by_id)
+
+    def queued_prompt_tokens(self) -> int:
+        """Tokens still to compute of requests not yet running (what routing balances)."""
+        return sum(r.num_tokens - r.num_computed_tokens for r in (*self.waiting, *self.preempted))

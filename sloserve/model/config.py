@@ -8,7 +8,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class ModelConfig:
-    architecture: str  # "llama" (SmolLM2, Llama 2/3) or "qwen2"
+    architecture: str  # the HF model_type: a name in model/families.py runs it
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -23,12 +23,11 @@ class ModelConfig:
     attention_bias: bool
     rope_scaling: tuple[tuple[str, Any], ...] = ()  # llama3-style scaling, as (key, value)
     eos_token_ids: tuple[int, ...] = ()
+    sliding_window: int | None = None  # attention window in tokens; None: full attention
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
         arch = hf.get("model_type", "llama")
-        if arch not in ("llama", "qwen2", "mistral"):
-            raise ValueError(f"unsupported model type {arch!r}: sloserve runs llama and qwen2")
         heads = hf["num_attention_heads"]
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         theta = hf.get("rope_theta") or rope.get("rope_theta") or 10000.0
@@ -38,7 +37,7 @@ class ModelConfig:
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         return cls(
-            architecture="qwen2" if arch == "qwen2" else "llama",
+            architecture=arch,
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
             intermediate_size=hf["intermediate_size"],
@@ -53,6 +52,8 @@ class ModelConfig:
             attention_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
             rope_scaling=tuple(sorted(scaling.items())),
             eos_token_ids=eos_ids,
+            sliding_window=hf.get("sliding_window") if hf.get("use_sliding_window", True)
+            else None,
         )
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:

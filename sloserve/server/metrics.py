@@ -4,27 +4,27 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from sloserve.engine import LLMEngine, RequestOutput
+from sloserve.interface import EngineClient, RequestOutput
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0,
                    10.0, 20.0, 40.0, 80.0)
 
 
 class ServerMetrics:
-    def __init__(self, engine: LLMEngine, model_name: str):
+    def __init__(self, engine: EngineClient, model_name: str):
         self.registry = CollectorRegistry()
         r, labels = self.registry, {"model_name": model_name}
-        scheduler, blocks = engine.scheduler, engine.blocks
         gauges = {
-            "num_requests_running": ("Requests running", lambda: len(scheduler.running)),
-            "num_requests_waiting": ("Requests waiting", lambda: len(scheduler.waiting)),
+            "num_requests_running": ("Requests running", lambda s: s.num_running),
+            "num_requests_waiting": ("Requests waiting (not preempted)",
+                                     lambda s: s.num_waiting - s.num_preempted),
             "num_requests_preempted": ("Requests preempted, waiting to resume",
-                                       lambda: len(scheduler.preempted)),
-            "kv_cache_usage_perc": ("Fraction of KV blocks in use", lambda: blocks.usage),
+                                       lambda s: s.num_preempted),
+            "kv_cache_usage_perc": ("Fraction of KV blocks in use", lambda s: s.kv_cache_usage),
         }
         for name, (doc, read) in gauges.items():
             gauge = Gauge(f"sloserve:{name}", doc, list(labels), registry=r)
-            gauge.labels(**labels).set_function(read)
+            gauge.labels(**labels).set_function(lambda read=read: read(engine.stats()))
 
         def histogram(name: str, doc: str) -> Histogram:
             return Histogram(f"sloserve:{name}", doc, list(labels), buckets=LATENCY_BUCKETS,
@@ -49,16 +49,15 @@ class ServerMetrics:
     def record(self, out: RequestOutput) -> None:
         """Called once per finished request, on the engine thread."""
         t = out.timings
-        e2e = t["finish_time"] - t["arrival_time"]
-        for hist, value in ((self.ttft, t["ttft"]), (self.tpot, t["tpot"]), (self.e2e, e2e),
-                            (self.queue, t["queueing_time"])):
+        for hist, value in ((self.ttft, t.ttft), (self.tpot, t.tpot), (self.e2e, t.e2e),
+                            (self.queue, t.queueing)):
             if value is not None:
                 hist.observe(value)
         self.prompt_tokens.inc(len(out.prompt_token_ids))
         self.generation_tokens.inc(len(out.token_ids))
         self.success.labels(**self.labels, finished_reason=out.finish_reason).inc()
-        if out.slo.has_objectives:
-            met = out.slo.attained(t["ttft"], t["tpot"], e2e)
+        met = t.attained(out.slo)
+        if met is not None:
             counter = self.slo_met if met else self.slo_missed
             counter.labels(**self.labels, slo_class=out.slo.slo_class).inc()
 

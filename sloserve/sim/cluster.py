@@ -12,14 +12,15 @@ import heapq
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sloserve.bench.metrics import RequestRecord
-from sloserve.bench.workload import RequestSpec
+from sloserve.config import SchedulerConfig
 from sloserve.core.kv_blocks import BlockManager
 from sloserve.core.plan import Plan
-from sloserve.core.routing import DecodeLoad, decode_with_slack, tpot_slack
-from sloserve.core.scheduler import Scheduler, SchedulerConfig
+from sloserve.core.router import InstanceLoad, Router, tpot_slack
+from sloserve.core.scheduler import Scheduler
 from sloserve.request import Request, SamplingParams
 from sloserve.sim.fastforward import fast_forward, steady_steps
+from sloserve.workload.metrics import RequestRecord
+from sloserve.workload.spec import RequestSpec
 
 SAMPLED_TOKEN = 1  # the simulator "samples" this token; requests stop by length
 IDLE_TICK_S = 1e-3  # how far an instance whose policy held everything back skips ahead
@@ -62,19 +63,14 @@ class SimInstance:
     def busy(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    @property
-    def load(self) -> int:
-        return self.scheduler.num_unfinished
-
-    @property
-    def queued_prompt_tokens(self) -> int:
+    def load(self, incoming_blocks: int = 0) -> InstanceLoad:
+        """What the router reads, as the Ray front end builds it from an instance's stats."""
         s = self.scheduler
-        return sum(r.num_tokens - r.num_computed_tokens for r in (*s.waiting, *s.preempted))
-
-    def decode_load(self) -> DecodeLoad:
-        running = self.scheduler.running
-        slack = tpot_slack(running, self.clock, self.latency.decode_time(len(running)))
-        return DecodeLoad(self.queued_prompt_tokens, slack, self.last_step_time)
+        slack = tpot_slack(s.running, self.clock, self.latency.decode_time(len(s.running))) \
+            if self.role == "decode" else None
+        return InstanceLoad(self.role, s.queued_prompt_tokens(),
+                            s.blocks.num_free_blocks - incoming_blocks, s.num_unfinished,
+                            slack, self.last_step_time)
 
     def step(self, next_arrival: float) -> list[Request]:
         """One step at self.clock (or a run of identical decode steps); returns the requests
@@ -100,41 +96,35 @@ class SimInstance:
         return self.scheduler.update(plan, sampled, self.clock)
 
 
-ROUTERS: dict[str, Callable[[list[SimInstance], int], SimInstance]] = {
-    "round_robin": lambda instances, i: instances[i % len(instances)],
-    "least_loaded": lambda instances, i: min(instances, key=lambda x: (x.load, x.clock)),
-}
-
-
-def make_request(spec: RequestSpec, max_model_len: int) -> Request:
+def make_request(spec: RequestSpec, max_model_len: int | None) -> Request:
     # A range stands in for the prompt's token ids: the scheduler needs only its length
     # unless prefix caching reads the tokens, so a 100k-token prompt costs no memory.
     prompt = spec.extra.get("tokens") or range(spec.prompt_len)
-    max_tokens = max(1, min(spec.max_tokens, max_model_len - spec.prompt_len))
+    room = spec.max_tokens if max_model_len is None else max_model_len - spec.prompt_len
+    max_tokens = max(1, min(spec.max_tokens, room))
     return Request(f"sim-{spec.index}", prompt, SamplingParams(max_tokens=max_tokens,
                                                                ignore_eos=True),
                    spec.slo, arrival_time=spec.arrival)
 
 
 class Cluster:
-    """Prompts go to the colocated or prefill instances through the router; a prefill
-    instance's request leaves after its first token, its KV arrives `transfer(request)`
-    seconds later at the decode instance with the most free blocks (as disagg/cluster.py)."""
+    """Prompts go to the instance core/router.py's Router picks, as in the Ray front end; a
+    prefill instance's request leaves after its first token for the decode instance the
+    router picks then, where its KV arrives `transfer(request)` seconds later."""
 
-    def __init__(self, instances: list[SimInstance], router: str = "round_robin",
-                 max_model_len: int = 1 << 20,
+    def __init__(self, instances: list[SimInstance], router: str = "least_queued",
+                 max_model_len: int | None = None,
                  transfer: Callable[[Request], float] = lambda request: 0.0,
                  tropical: bool = False):
-        if router not in ROUTERS:
-            raise ValueError(f"unknown router {router!r}; choose one of {', '.join(ROUTERS)}")
+        roles = {x.role for x in instances}
+        mode = "colocated" if roles == {"colocated"} else ("tropical" if tropical else "disagg")
+        self.router = Router(mode, router, instances[0].latency)
         self.instances = instances
-        self.entry = [x for x in instances if x.role != "decode"]
-        self.decode = [x for x in instances if x.role == "decode"]
-        self.route = ROUTERS[router]
         self.max_model_len = max_model_len
         self.transfer = transfer
-        self.tropical = tropical  # decode instances may take prompts (core/routing.py)
-        self._handoffs: list[tuple[float, int, Request]] = []  # heap: (KV arrives, seq, req)
+        self.decisions: list[tuple[str, int]] = []  # (request id, instance), in order
+        self._handoffs: list[tuple[float, int, Request, int]] = []  # heap: KV arrives, ...
+        self._incoming = [0] * len(instances)  # blocks of handoffs on their way there
         self._seq = 0
 
     def run(self, specs: list[RequestSpec]) -> tuple[list[RequestRecord], float]:
@@ -150,10 +140,10 @@ class Cluster:
                 break
             first_clock = first.clock if first is not None else float("inf")
             if next_kv <= min(next_arrival, first_clock):
-                self._import(*heapq.heappop(self._handoffs)[::2])
+                self._import(*heapq.heappop(self._handoffs))
                 continue
             if next_arrival <= first_clock:
-                self._dispatch(pending[i], i, records)
+                self._dispatch(pending[i], records)
                 i += 1
                 continue
             for request in first.step(min(next_arrival, next_kv)):
@@ -164,27 +154,36 @@ class Cluster:
             end = max(end, first.clock)
         return sorted(records.values(), key=lambda r: r.index), end
 
+    def _loads(self) -> list[InstanceLoad]:
+        return [x.load(incoming) for x, incoming in zip(self.instances, self._incoming)]
+
     def _hand_off(self, source: SimInstance, request: Request) -> None:
         copy = request.handoff_copy()
         source.scheduler.abort(request.request_id, source.clock)  # frees its blocks there
+        target = self.router.pick_decode(self._loads())
+        self.decisions.append((request.request_id, target))
+        self._incoming[target] += source.scheduler.blocks.blocks_for(copy.num_tokens)
         copy.kv_transfer_time = self.transfer(copy)
         self._seq += 1
-        heapq.heappush(self._handoffs, (source.clock + copy.kv_transfer_time, self._seq, copy))
+        heapq.heappush(self._handoffs, (source.clock + copy.kv_transfer_time, self._seq, copy,
+                                        target))
 
-    def _import(self, ready: float, request: Request) -> None:
-        target = max(self.decode, key=lambda x: x.scheduler.blocks.num_free_blocks)
+    def _import(self, ready: float, _seq: int, request: Request, index: int) -> None:
+        target = self.instances[index]
         if not target.busy:
             target.clock = max(target.clock, ready)
         if not target.scheduler.add_prefilled(request, max(target.clock, ready)):
             self._seq += 1  # no room yet: try again a little later
             heapq.heappush(self._handoffs, (max(target.clock, ready) + IDLE_TICK_S, self._seq,
-                                            request))
+                                            request, index))
+            return
+        self._incoming[index] -= target.scheduler.blocks.blocks_for(request.num_tokens)
 
-    def _dispatch(self, spec: RequestSpec, i: int, records: dict[str, RequestRecord]) -> None:
+    def _dispatch(self, spec: RequestSpec, records: dict[str, RequestRecord]) -> None:
         request = make_request(spec, self.max_model_len)
-        instance = self.route(self.entry, i)
-        if self.tropical:
-            instance = self._decode_with_slack(request, instance) or instance
+        index = self.router.route_prompt(request.num_prompt_tokens, self._loads())
+        self.decisions.append((request.request_id, index))
+        instance = self.instances[index]
         if not instance.busy:
             instance.clock = max(instance.clock, spec.arrival)
         record = RequestRecord.start(spec.index, spec.slo_class, spec.slo, spec.arrival)
@@ -194,12 +193,6 @@ class Cluster:
         except ValueError as e:  # could never run here (too long): an error, as a server says
             record.error = str(e)
         records[request.request_id] = record
-
-
-    def _decode_with_slack(self, request: Request, prefill: SimInstance) -> SimInstance | None:
-        index = decode_with_slack(request.num_prompt_tokens, prefill.queued_prompt_tokens,
-                                  [d.decode_load() for d in self.decode], prefill.latency)
-        return None if index is None else self.decode[index]
 
 
 def _record(request: Request, record: RequestRecord) -> RequestRecord:

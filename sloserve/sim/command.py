@@ -7,34 +7,17 @@ import dataclasses
 import time
 from pathlib import Path
 
-from sloserve.bench import report
-from sloserve.bench.command import BenchError, add_workload_args, build_requests, plan_rates
-from sloserve.bench.command import effective_rate
-from sloserve.core.policies import make_policy
-from sloserve.core.scheduler import SchedulerConfig
+from sloserve.errors import UsageError
+from sloserve.flags import add_dataclass_flags, add_scheduler_flags, from_flags, scheduler_config
 from sloserve.sim.run import Deployment, simulate
+from sloserve.workload import report
+from sloserve.workload.args import add_workload_args, build_requests, effective_rate, plan_rates
 
 
 def add_sim_args(p: argparse.ArgumentParser) -> None:
     add_workload_args(p)
-    p.add_argument("--policy", default="fcfs")
-    p.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="a policy knob, e.g. delay_factor=0.5 or ratio=0.8 (repeatable)")
-    p.add_argument("--latency-profile", default=None, help="JSON from `sloserve profile`")
-    p.add_argument("--gpu", default=None, help="h100 | h200 | a100: analytic roofline")
-    p.add_argument("--model-shape", default="llama-3-8b", help="with --gpu")
-    p.add_argument("--num-instances", type=int, default=1)
-    p.add_argument("--router", default="round_robin", help="round_robin | least_loaded")
-    p.add_argument("--num-kv-blocks", type=int, default=None)
-    p.add_argument("--mode", choices=["colocated", "disagg", "tropical"], default="colocated",
-                   help="disagg: instances [0, --partition-id) prefill, the rest decode; "
-                        "tropical: disagg, and decode instances may take prompts")
-    p.add_argument("--partition-id", type=int, default=1)
-    p.add_argument("--transfer-gb-s", type=float, default=25.0,
-                   help="disagg: KV handoff bandwidth, GB/s")
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--max-model-len", type=int, default=131072)
+    add_dataclass_flags(p, Deployment)
+    add_scheduler_flags(p)
     p.add_argument("--goodput-search", action="store_true",
                    help="binary-search the highest rate whose attainment meets --target")
     p.add_argument("--out", default=None)
@@ -42,28 +25,13 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
 
 
 def deployment(args: argparse.Namespace) -> Deployment:
-    options = {}
-    for item in args.policy_option:
-        key, _, value = item.partition("=")
-        try:
-            options[key] = float(value)
-        except ValueError:
-            options[key] = value
-    try:
-        make_policy(args.policy, **options)
-        scheduler = SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens,
-                                    args.max_model_len, args.policy, options)
-    except (TypeError, ValueError, OSError) as e:
-        raise BenchError(f"policy {args.policy}: {e}") from None
     if args.num_instances <= 0:
-        raise BenchError("--num-instances must be positive")
-    d = Deployment(args.latency_profile, args.gpu, args.model_shape, args.num_instances,
-                   args.router, scheduler, args.num_kv_blocks, mode=args.mode,
-                   partition_id=args.partition_id, transfer_gb_s=args.transfer_gb_s)
+        raise UsageError("--num-instances must be positive")
+    d = from_flags(Deployment, args, scheduler=scheduler_config(args))
     try:
         d.roles()
     except ValueError as e:
-        raise BenchError(str(e)) from None
+        raise UsageError(str(e)) from None
     return d
 
 
@@ -73,7 +41,7 @@ def run_rate(d: Deployment, args: argparse.Namespace, rate: float | None
     try:
         records, duration = simulate(d, requests)
     except ValueError as e:
-        raise BenchError(str(e)) from None
+        raise UsageError(str(e)) from None
     return effective_rate(requests, rate), records, duration
 
 

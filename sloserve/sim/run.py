@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sloserve.bench.metrics import RequestRecord
-from sloserve.bench.workload import RequestSpec
+from sloserve.config import MODES, EngineConfig, SchedulerConfig, roles, setting
 from sloserve.core.latency import GPUS, LatencyModel, ModelShape, RooflineModel
 from sloserve.core.plan import Plan
-from sloserve.core.scheduler import SchedulerConfig
 from sloserve.sim.cluster import Cluster, InstanceConfig, SimInstance
+from sloserve.workload.metrics import RequestRecord
+from sloserve.workload.spec import RequestSpec
 
 CPU_KV_BYTES_PER_TOKEN = 2 * 30 * 3 * 64 * 4  # SmolLM2-135M in float32, the CPU profile's model
 
@@ -21,28 +21,29 @@ class Deployment:
     scheduler and its policy, and how many instances behind which router."""
 
     latency_profile: str | None = None  # JSON from `sloserve profile`; None: shipped CPU one
-    gpu: str | None = None  # h100 | h200 | a100: analytic roofline instead of a profile
-    model_shape: str = "llama-3-8b"  # with gpu: a name from sloserve.model.config
-    num_instances: int = 1
-    router: str = "round_robin"
+    gpu: str | None = setting(None, "h100 | h200 | a100: an analytic roofline instead of a "
+                                    "latency profile")
+    model_shape: str = setting("llama-3-8b", "with --gpu: a named model shape")
+    num_instances: int = setting(1, "simulated engine instances")
+    router: str = setting("least_queued", "least_queued | round_robin | least_loaded "
+                                          "(core/router.py, as the Ray front end)")
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    num_kv_blocks: int | None = None  # None: from the GPU's memory, or 1 GiB on the CPU
-    block_size: int = 16
-    gpu_memory_utilization: float = 0.9
-    mode: str = "colocated"  # disagg: instances [0, partition_id) prefill, the rest decode;
-    #                          tropical: disagg, and decode instances may take prompts
-    partition_id: int = 1
-    transfer_gb_s: float = 25.0  # KV handoff bandwidth (GB/s), prefill to decode instance
+    num_kv_blocks: int | None = setting(None, "KV blocks per instance (default: from the "
+                                              "GPU's memory, or 1 GiB on the CPU)")
+    block_size: int = EngineConfig.block_size
+    gpu_memory_utilization: float = EngineConfig.gpu_memory_utilization
+    mode: str = setting("colocated", "disagg: instances [0, --partition-id) prefill, the rest "
+                                     "decode; tropical: disagg, and decode instances may take "
+                                     "prompts", choices=MODES)
+    partition_id: int = setting(1, "instances [0, partition-id) prefill, the rest decode")
+    transfer_gb_s: float = setting(25.0, "disagg: KV handoff bandwidth, GB/s")
 
     def roles(self) -> list[str]:
-        if self.mode == "colocated":
-            return ["colocated"] * self.num_instances
-        if self.mode not in ("disagg", "tropical"):
-            raise ValueError("--mode must be colocated, disagg or tropical")
-        if not 0 < self.partition_id < self.num_instances:
+        if self.mode not in MODES:
+            raise ValueError(f"--mode must be one of {', '.join(MODES)}")
+        if self.mode != "colocated" and not 0 < self.partition_id < self.num_instances:
             raise ValueError(f"--partition-id must be in [1, {self.num_instances - 1}]")
-        return ["prefill" if i < self.partition_id else "decode"
-                for i in range(self.num_instances)]
+        return roles(self.mode, self.num_instances, self.partition_id)
 
     def kv_bytes_per_token(self) -> int:
         return model_shape(self.model_shape).kv_bytes_per_token if self.gpu \

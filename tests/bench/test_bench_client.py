@@ -15,9 +15,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from sloserve.bench.client import ClientConfig, run_requests
-from sloserve.bench.metrics import summarize
-from sloserve.bench.workload import RequestSpec
 from sloserve.request import SLO
+from sloserve.workload.metrics import summarize
+from sloserve.workload.spec import RequestSpec
 from tests.server.conftest import ServerProcess, free_port
 
 # prompt -> (seconds to the first token, seconds between tokens); each reply has 5 tokens

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from sloserve import LLM, SLO, SamplingParams
-from sloserve.engine import EngineConfig, LLMEngine
+from sloserve.config import EngineConfig
+from sloserve.engine import LLMEngine
 from tests.conftest import CHAT_PROMPTS, chat
 
 MAX_TOKENS = 24

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array:Deprecati
 
 from sloserve import LLM, SamplingParams  # noqa: E402
 from sloserve.model.attention import AttentionMetadata, TorchPagedAttention  # noqa: E402
-from sloserve.model.triton_attention import TritonPagedAttention  # noqa: E402
+from sloserve.model.attention.triton_paged import TritonPagedAttention  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BLOCK = 16
@@ -135,6 +135,7 @@ def test_gpu_bfloat16_model_logits_close_to_torch_backend():
     (measured on an H100: 0.027 against a largest logit of 2.06, 1.3%)."""
     from sloserve.core.plan import ScheduledChunk
     from sloserve.request import Request
+    from sloserve.worker.step_inputs import pack
 
     logits = {}
     for backend in ("torch", "triton"):
@@ -143,7 +144,7 @@ def test_gpu_bfloat16_model_logits_close_to_torch_backend():
         request = Request("r", prompt_token_ids=[(31 * j) % 40000 + 5 for j in range(300)])
         request.block_ids = list(range(19))
         runner = llm.engine.runner
-        step = runner._step_inputs([], [ScheduledChunk(request, 0, 300, True)])
+        step = pack([ScheduledChunk(request, 0, 300, True)], runner.block_size)
         logits[backend] = runner.forward(step, torch.tensor([299], device=DEVICE))
         del llm, runner
         free_gpu_memory()

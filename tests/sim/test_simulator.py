@@ -8,12 +8,12 @@ import sys
 
 import pytest
 
-from sloserve.bench.workload import RequestSpec, build, load
+from sloserve.config import SchedulerConfig
 from sloserve.core.latency import LatencyModel
-from sloserve.core.scheduler import SchedulerConfig
 from sloserve.request import SLO, SamplingParams
 from sloserve.sim.cluster import SAMPLED_TOKEN, Cluster, InstanceConfig, SimInstance, VirtualClock
 from sloserve.sim.run import plan_log
+from sloserve.workload.spec import RequestSpec, build, load
 
 LATENCY = LatencyModel((1, 8, 64), (0.02, 0.03, 0.09), (64, 512), (0.03, 0.12))
 
@@ -46,7 +46,8 @@ class StandInRunner:
 
 def engine_plans(config: SchedulerConfig, requests: list[RequestSpec], num_blocks: int):
     """Drive the real LLMEngine through the simulator's event rules, on a virtual clock."""
-    from sloserve.engine import EngineConfig, LLMEngine
+    from sloserve.config import EngineConfig
+    from sloserve.engine import LLMEngine
 
     engine = LLMEngine(EngineConfig(model="dummy:qwen2-tiny", num_kv_blocks=num_blocks,
                                     enable_prefix_caching=False, scheduler=config))
@@ -107,7 +108,7 @@ def test_sim_and_core_import_without_torch():
     assert out.stdout.strip() == "False", out.stderr
 
 
-@pytest.mark.parametrize("router", ["round_robin", "least_loaded"])
+@pytest.mark.parametrize("router", ["least_queued", "round_robin", "least_loaded"])
 def test_instances_share_the_load(router):
     instances = [SimInstance(SchedulerConfig(), InstanceConfig(400), LATENCY) for _ in range(2)]
     served = {0: 0, 1: 0}

@@ -1,6 +1,13 @@
 """Scheduling policies, one per file, picked by name."""
 
 from sloserve.core.policies import chunked, delay, edf, fcfs, slice  # noqa: F401  (registers)
-from sloserve.core.policies.base import Policy, make_policy, policy_names, register
+from sloserve.core.policies.base import (
+    Policy,
+    SchedulerView,
+    make_policy,
+    policy_class,
+    policy_names,
+    register,
+)
 
-__all__ = ["Policy", "make_policy", "policy_names", "register"]
+__all__ = ["Policy", "SchedulerView", "make_policy", "policy_class", "policy_names", "register"]

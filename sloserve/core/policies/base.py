@@ -8,15 +8,23 @@ and in what order, when to admit, how big a prefill chunk is and whom to preempt
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
+from sloserve.config import SchedulerConfig
+from sloserve.core.plan import Plan
 from sloserve.request import Request
 
-if TYPE_CHECKING:
-    from sloserve.core.plan import Plan
-    from sloserve.core.scheduler import Scheduler
-
 _REGISTRY: dict[str, type[Policy]] = {}
+
+
+class SchedulerView(Protocol):
+    """What a policy may read of the scheduler that asks it (core/scheduler.py)."""
+
+    config: SchedulerConfig
+    waiting: Sequence[Request]
+    preempted: Sequence[Request]  # in preemption order
+    running: Sequence[Request]
+    version: int  # bumped whenever a request arrives or finishes
 
 
 def register(name: str) -> Callable[[type[Policy]], type[Policy]]:
@@ -32,28 +40,41 @@ def policy_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def make_policy(name: str, **options: Any) -> Policy:
+def policy_class(name: str) -> type[Policy]:
     if name not in _REGISTRY:
         raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(policy_names())}")
-    return _REGISTRY[name](**options)
+    return _REGISTRY[name]
+
+
+def make_policy(name: str, **options: Any) -> Policy:
+    """ValueError for an unknown name, option or option value."""
+    try:
+        return policy_class(name)(**options)
+    except TypeError as e:  # an option the policy does not take
+        raise ValueError(f"policy {name}: {e}") from None
 
 
 class Policy:
-    """Defaults give first-come-first-served with vLLM's recompute preemption."""
+    """Defaults give first-come-first-served with vLLM's recompute preemption.
+
+    `cli_options` maps a command-line flag (without the dashes) to the constructor argument
+    it sets; every command that takes --policy offers those flags."""
 
     name: ClassVar[str] = "base"
     # True when, with nothing waiting, every running request decodes every step whatever the
-    # clock says: the simulator may then fast-forward runs of identical decode steps.
-    steady_decode: ClassVar[bool] = True
+    # clock says: the simulator may then fast-forward runs of identical decode steps. Off
+    # unless a policy declares it, so a new policy is never fast-forwarded wrongly.
+    steady_decode: ClassVar[bool] = False
+    cli_options: ClassVar[dict[str, tuple[str, type, str]]] = {}  # flag -> (arg, type, help)
 
-    def prepare(self, scheduler: Scheduler, now: float) -> None:
+    def prepare(self, scheduler: SchedulerView, now: float) -> None:
         """Called at the start of every schedule(), for policies that plan per step."""
 
     def running_order(self, running: Sequence[Request], now: float) -> Iterable[Request]:
         """Running requests to step now, most important first; leaving one out skips it."""
         return running
 
-    def should_admit(self, scheduler: Scheduler, now: float) -> bool:
+    def should_admit(self, scheduler: SchedulerView, now: float) -> bool:
         """Whether to admit waiting or preempted requests in this step at all."""
         return True
 

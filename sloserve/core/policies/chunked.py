@@ -14,6 +14,8 @@ class ChunkedPrefillPolicy(Policy):
     token budget takes chunks of prompts (partial ones first), so a long prompt is spread over
     steps and never stalls decoding. Pair it with a modest --max-num-batched-tokens."""
 
+    steady_decode = True
+
     def running_order(self, running: Sequence[Request], now: float) -> Iterable[Request]:
         decodes = [r for r in running if r.num_pending_tokens == 1]
         prefills = [r for r in running if r.num_pending_tokens > 1]

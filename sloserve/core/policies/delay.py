@@ -4,13 +4,10 @@ running decodes one by one."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
 
-from sloserve.core.policies.base import Policy, register
+from sloserve.core.plan import Plan
+from sloserve.core.policies.base import Policy, SchedulerView, register
 from sloserve.request import Request
-
-if TYPE_CHECKING:
-    from sloserve.core.plan import Plan
 
 
 @register("delay")
@@ -19,6 +16,9 @@ class DelayPolicy(Policy):
     step that ran a prompt (or nothing is running). Preempted requests have their own queue,
     resumed first and in preemption order, never delayed."""
 
+    steady_decode = True
+    cli_options = {"delay-factor": ("delay_factor", float, "x the last prompt step's latency")}
+
     def __init__(self, delay_factor: float = 0.5):
         if delay_factor < 0:
             raise ValueError(f"delay_factor must be >= 0, got {delay_factor}")
@@ -26,7 +26,7 @@ class DelayPolicy(Policy):
         self.last_prompt_latency = 0.0
         self._nothing_running = True
 
-    def prepare(self, scheduler, now: float) -> None:
+    def prepare(self, scheduler: SchedulerView, now: float) -> None:
         self._nothing_running = not scheduler.running
 
     def admission_order(self, preempted: Sequence[Request], waiting: Sequence[Request],

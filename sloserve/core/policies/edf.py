@@ -1,4 +1,4 @@
-"""Least slack first: serve whoever is closest to missing its next objective."""
+"""Earliest deadline first: serve whoever is closest to missing its next objective."""
 
 from __future__ import annotations
 
@@ -26,9 +26,12 @@ def next_deadline(request: Request) -> float:
 
 
 @register("edf")
-class LeastSlackPolicy(Policy):
-    """Order running work, admissions and preemption victims by slack = next deadline - now;
-    requests with no objective come last, in arrival order."""
+class EarliestDeadlinePolicy(Policy):
+    """Order running work, admissions and preemption victims by next deadline (the same
+    order as least slack, slack = deadline - now); requests with no objective come last, in
+    arrival order; the victim is the one whose deadline is furthest."""
+
+    steady_decode = True
 
     @staticmethod
     def _key(request: Request) -> tuple[float, float]:

@@ -11,3 +11,5 @@ class FCFSPolicy(Policy):
     priority breaks ties) while blocks and budget allow; on block exhaustion preempt the
     newest running request and resume it before new admissions. All of it is the base
     policy's default behaviour."""
+
+    steady_decode = True

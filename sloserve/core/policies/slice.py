@@ -18,17 +18,12 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
 
 from sloserve.core.latency import LatencyModel
-from sloserve.core.policies.base import Policy, register
+from sloserve.core.plan import Plan
+from sloserve.core.policies.base import Policy, SchedulerView, register
 from sloserve.core.policies.edf import next_deadline
 from sloserve.request import Request
-
-if TYPE_CHECKING:
-    from sloserve.core.plan import Plan
-    from sloserve.core.scheduler import Scheduler
-
 
 MAX_MISSES = 32
 
@@ -52,6 +47,12 @@ def mask_columns(tokens_per_cycle: int, num_columns: int) -> frozenset[int]:
 @register("slice")
 class SlicePolicy(Policy):
     steady_decode = False  # the mask decodes different rows each step
+    cli_options = {
+        "slice-period-ms": ("period_ms", float, "length of one decode cycle"),
+        "slice-ratio": ("ratio", float, "share of each cycle for decoding (the rest: prefills)"),
+        "realtime-utility": ("realtime_utility", float, "utility of a real-time task "
+                                                        "(others: 1)"),
+    }
     def __init__(self, realtime_utility: float = 10.0, utility: float = 1.0,
                  period_ms: float = 1000.0, ratio: float = 0.9,
                  best_effort_tpot_ms: float = 250.0,
@@ -129,7 +130,7 @@ class SlicePolicy(Policy):
         self.rows = {rid: mask_columns(k, self.num_columns) for rid, k in per_cycle.items()}
         self.column = 0
 
-    def prepare(self, scheduler: Scheduler, now: float) -> None:
+    def prepare(self, scheduler: SchedulerView, now: float) -> None:
         if scheduler.version != self._version:  # a task arrived or finished: re-plan
             self._version = scheduler.version
             unfinished = [*scheduler.running, *scheduler.preempted, *scheduler.waiting]

@@ -1,8 +1,8 @@
 """The engine loop on its own thread, streaming outputs into asyncio queues.
 
 The event loop never runs a model step: handlers validate and build requests, hand them to
-the engine thread through an inbox, and await their outputs. The engine thread owns all
-scheduler state; other threads only append to the inbox.
+the engine thread through an inbox, and await their outputs. The engine thread owns the
+engine (any EngineClient); other threads only append to the inbox.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from sloserve.engine import LLMEngine, RequestOutput
+from sloserve.interface import EngineClient, RequestOutput
 from sloserve.request import Request
 
 log = logging.getLogger("sloserve.server")
@@ -35,8 +35,8 @@ def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
         q.put_nowait(item)
 
 
-class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_waiting: int = 1024,
+class EngineLoop:
+    def __init__(self, engine: EngineClient, max_waiting: int = 1024,
                  on_finish: Callable[[RequestOutput], None] | None = None):
         self.engine = engine
         self.max_waiting = max_waiting
@@ -57,8 +57,7 @@ class AsyncEngine:
     # ---- called from the event loop ----------------------------------------------------
     @property
     def num_waiting(self) -> int:
-        scheduler = self.engine.scheduler
-        return len(scheduler.waiting) + len(scheduler.preempted) + self._inbox.qsize()
+        return self.engine.stats().num_waiting + self._inbox.qsize()
 
     def add(self, request: Request) -> AsyncIterator[RequestOutput]:
         """Queue a validated request; returns its output stream. Raises QueueFull."""
@@ -78,6 +77,8 @@ class AsyncEngine:
                 item = await stream.queue.get()
                 if isinstance(item, Exception):
                     raise item
+                if item.error is not None:  # e.g. its instance died past recovery
+                    raise RuntimeError(item.error)
                 yield item
                 if item.finished:
                     return
@@ -121,8 +122,6 @@ class AsyncEngine:
                 self._fail_all(RuntimeError(f"engine step failed: {e}"))
                 continue
             self._deliver(outputs)
-            for request_id, error in self.engine.take_failures():  # e.g. an instance died
-                self._send(request_id, error)
         self._fail_all(RuntimeError("the server shut down before the request finished"))
 
     def _drain_inbox(self) -> bool:
@@ -146,7 +145,7 @@ class AsyncEngine:
         engine share the GIL, and every wake-up costs the model step time."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for out in outputs:
-            if out.finished and self.on_finish is not None:
+            if out.finished and out.error is None and self.on_finish is not None:
                 self.on_finish(out)
             stream = self._streams.get(out.request_id)
             if stream is not None:
@@ -160,7 +159,6 @@ class AsyncEngine:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
 
     def _fail_all(self, error: Exception) -> None:
-        for request_id in self.engine.scheduler.unfinished_ids():
-            self.engine.abort(request_id)
         for request_id in list(self._streams):
+            self.engine.abort(request_id)
             self._send(request_id, error)

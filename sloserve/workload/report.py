@@ -12,7 +12,7 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
-from sloserve.bench.metrics import RequestRecord, read_csv, summarize, write_csv
+from sloserve.workload.metrics import RequestRecord, read_csv, summarize, write_csv
 
 PLOTS = ("attainment_vs_rate.png", "latency_bars.png", "latency_cdf.png", "queue_p90.png")
 

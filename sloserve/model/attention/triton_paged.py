@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sloserve.model.attention import AttentionMetadata
+from sloserve.model.attention.base import AttentionBackend, AttentionMetadata
 
 
 @triton.jit
@@ -125,14 +125,12 @@ def _combine_splits_kernel(out_ptr, partial_ptr, stats_ptr, out_stride_t, out_st
              out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
-class TritonPagedAttention:
+class TritonPagedAttention(AttentionBackend):
     """Same contract as TorchPagedAttention; metadata tensors are int32 on the device."""
 
     block_n = 64
     fused_ops = True  # the model pairs this backend with the fused RMSNorm and rotary kernels
-
-    def __init__(self, block_size: int):
-        self.block_size = block_size
+    supports_cuda_graphs = True
 
     def write_kv(self, cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  slots: torch.Tensor) -> None:

@@ -10,15 +10,12 @@ the largest batch; every graph reads slices of them.
 from __future__ import annotations
 
 import bisect
-from typing import TYPE_CHECKING
 
 import torch
 
 from sloserve.model.attention import AttentionMetadata
-
-if TYPE_CHECKING:
-    from sloserve.model.decoder import DecoderLM
-    from sloserve.runner import StepInputs
+from sloserve.model.decoder import DecoderLM
+from sloserve.worker.step_inputs import StepInputs
 
 CAPTURE_SIZES = [1, 2, 4, 8] + list(range(16, 1025, 16))
 

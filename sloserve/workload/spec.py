@@ -10,9 +10,9 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sloserve.bench import datasets
-from sloserve.bench.arrivals import arrival_times, scaled_trace_times
 from sloserve.request import SLO
+from sloserve.workload import datasets
+from sloserve.workload.arrivals import arrival_times, scaled_trace_times
 
 SHIPPED = Path(__file__).parent / "workloads"
 

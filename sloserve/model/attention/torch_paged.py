@@ -1,43 +1,15 @@
-"""Attention over the paged KV cache: the metadata the runner builds and a pure-torch backend.
-
-Tokens of a step are packed (no padding): first every decode (one query token per request),
-then each prefill chunk. The cache of one layer is [2, num_blocks, block_size, kv_heads, dim].
-"""
+"""Reference attention backend: pure torch, runs anywhere torch does; every other backend
+must match it (tests/model/test_triton_attention.py holds the Triton one to it)."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-
-@dataclass
-class AttentionMetadata:
-    """One row per sequence of the step, decodes first. Index tensors are int32."""
-
-    slot_mapping: torch.Tensor  # [T] cache slot of each new token (block * block_size + offset)
-    query_start_loc: torch.Tensor  # [S + 1] where each sequence's query tokens start in q
-    seq_lens: torch.Tensor  # [S] tokens each sequence attends to, its new tokens included
-    block_tables: torch.Tensor  # [S, max_blocks], padded with 0
-    num_decodes: int  # the first num_decodes sequences are single-token decodes
-    max_query_len: int
-    prefills: list[tuple[int, int, int]]  # host copy for the torch backend: (query start,
-    #                                       query len, start position) per prefill chunk
+from sloserve.model.attention.base import AttentionBackend, AttentionMetadata
 
 
-class AttentionBackend(Protocol):
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
-                meta: AttentionMetadata, scale: float) -> torch.Tensor: ...
-
-
-class TorchPagedAttention:
-    """Reference backend: runs anywhere torch does; the Triton backend must match it."""
-
-    def __init__(self, block_size: int):
-        self.block_size = block_size
-
+class TorchPagedAttention(AttentionBackend):
     @staticmethod
     def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  slots: torch.Tensor) -> None:
@@ -92,16 +64,3 @@ class TorchPagedAttention:
             q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask, is_causal=causal,
             scale=scale, enable_gqa=True)
         return out[0].transpose(0, 1)
-
-
-BACKENDS = ("auto", "torch", "triton")
-
-
-def make_backend(name: str, device: torch.device, block_size: int) -> AttentionBackend:
-    """auto: Triton kernels on CUDA, pure torch elsewhere."""
-    if name not in BACKENDS:
-        raise ValueError(f"attention backend must be one of {', '.join(BACKENDS)}")
-    if name == "triton" or (name == "auto" and device.type == "cuda"):
-        from sloserve.model.triton_attention import TritonPagedAttention
-        return TritonPagedAttention(block_size)
-    return TorchPagedAttention(block_size)

@@ -12,7 +12,8 @@ from tests.conftest import CHAT_PROMPTS, chat
 
 ray = pytest.importorskip("ray")
 
-from sloserve.disagg.cluster import ClusterConfig, ClusterEngine  # noqa: E402
+from sloserve.cluster.frontend import ClusterEngine  # noqa: E402
+from sloserve.config import ClusterConfig, EngineConfig  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def local_ray():
 @pytest.fixture(scope="module", params=["object-store", "direct"])
 def cluster(local_ray, request):
     engine = ClusterEngine(ClusterConfig(mode="disagg", replica_spec=((1, 1), (1, 1)),
-                                         partition_id=1, engine_kwargs={"num_kv_blocks": 256},
+                                         partition_id=1, engine=EngineConfig(num_kv_blocks=256),
                                          kv_transfer=request.param))
     yield engine
     engine.shutdown()
@@ -39,8 +40,10 @@ def drive(cluster: ClusterEngine, requests, until=None, timeout: float = 180.0):
     while cluster.has_unfinished():
         assert time.monotonic() < deadline, "requests did not finish"
         for out in cluster.step():
-            tokens[out.request_id] = list(out.token_ids)
-        errors.update(cluster.take_failures())
+            if out.error is not None:
+                errors[out.request_id] = out.error
+            else:
+                tokens[out.request_id] = list(out.token_ids)
         if until is not None:
             until(tokens)
     return tokens, errors
@@ -50,7 +53,8 @@ def wait_for_idle_blocks(cluster: ClusterEngine, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         cluster.step()
-        if all(i.alive and i.stats.free_blocks == i.stats.num_blocks and not i.stats.num_running
+        if all(i.alive and i.stats.load.free_blocks == i.stats.num_blocks
+               and not i.stats.num_running
                for i in cluster.instances):
             return
     pytest.fail(f"KV blocks still held: {[i.stats for i in cluster.instances]}")
@@ -117,7 +121,8 @@ def assert_cluster_gives_one_engines_tokens(options: dict, replica_spec, prompts
     del llm  # its GPU memory, before the instances take theirs
     torch.cuda.empty_cache()
     cluster = ClusterEngine(ClusterConfig(mode="disagg", replica_spec=replica_spec,
-                                          partition_id=1, engine_kwargs=options))
+                                          partition_id=1, engine=EngineConfig.from_kwargs(
+                                              **options)))
     try:
         requests = [cluster.make_request(p, params) for p in prompts]
         tokens, errors = drive(cluster, requests)

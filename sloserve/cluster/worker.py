@@ -20,10 +20,12 @@ from typing import Any
 
 import torch
 
+from sloserve.cluster.kv_link import KVLink, link_address, to_engine_stream
+from sloserve.config import EngineConfig
 from sloserve.core.latency import LatencyModel
-from sloserve.core.routing import tpot_slack
-from sloserve.disagg.kv_link import KVLink, link_address, to_engine_stream
-from sloserve.engine import EngineConfig, LLMEngine, RequestOutput
+from sloserve.core.router import InstanceLoad, tpot_slack
+from sloserve.engine import LLMEngine
+from sloserve.interface import RequestOutput
 from sloserve.request import Request, RequestStatus
 
 ROLES = ("prefill", "decode", "colocated")
@@ -103,14 +105,11 @@ class Handoff:
 
 @dataclass
 class InstanceStats:
-    role: str
-    queued_prompt_tokens: int  # prompt tokens still to compute here
+    load: InstanceLoad  # what routing reads (core/router.py)
     num_running: int
-    num_waiting: int
-    free_blocks: int
+    num_waiting: int  # preempted ones and KV waiting for blocks included
+    num_preempted: int
     num_blocks: int
-    tpot_slack: float | None  # seconds the running decodes can wait (core/routing.py)
-    last_step_time: float
 
 
 @dataclass
@@ -123,7 +122,7 @@ class PollResult:
 
 
 class InstanceWorker:
-    def __init__(self, role: str, engine_kwargs: dict[str, Any],
+    def __init__(self, role: str, config: EngineConfig,
                  kv_transfer: str = "object-store", latency_profile: str | None = None):
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}")
@@ -134,7 +133,7 @@ class InstanceWorker:
         self._links: dict[int, KVLink] = {}  # direct transfer: peer instance -> link
         # direct: KV (and the event marking it written) waiting for its link
         self._outgoing: dict[str, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
-        self.engine = LLMEngine(EngineConfig.from_kwargs(**engine_kwargs))
+        self.engine = LLMEngine(config)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._result = PollResult()
         self._changed = threading.Condition()
@@ -302,13 +301,14 @@ class InstanceWorker:
 
     def _stats(self) -> InstanceStats:
         scheduler, blocks = self.engine.scheduler, self.engine.blocks
-        queued = sum(r.num_tokens - r.num_computed_tokens
-                     for r in (*scheduler.waiting, *scheduler.preempted))
+        running = scheduler.running
+        slack = tpot_slack(running, self.engine.clock(),
+                           self._latency.decode_time(len(running))) \
+            if self.role == "decode" else None  # only tropical routing reads it
+        load = InstanceLoad(self.role, scheduler.queued_prompt_tokens(), blocks.num_free_blocks,
+                            scheduler.num_unfinished + len(self._imports), slack,
+                            self.engine.last_step_time)
         return InstanceStats(
-            role=self.role, queued_prompt_tokens=queued, num_running=len(scheduler.running),
+            load, num_running=len(running),
             num_waiting=len(scheduler.waiting) + len(scheduler.preempted) + len(self._imports),
-            free_blocks=blocks.num_free_blocks, num_blocks=blocks.num_blocks,
-            tpot_slack=tpot_slack(scheduler.running, self.engine.clock(),
-                                  self._latency.decode_time(len(scheduler.running)))
-            if self.role == "decode" else None,  # only tropical routing reads it
-            last_step_time=self.engine.last_step_time)
+            num_preempted=len(scheduler.preempted), num_blocks=blocks.num_blocks)
