@@ -24,7 +24,7 @@ from sloserve.runner import ModelRunner  # noqa: E402
 
 from sloserve.core.plan import Plan, ScheduledChunk  # noqa: E402
 from sloserve.model import loader  # noqa: E402
-from sloserve.model.attention import TorchPagedAttention  # noqa: E402
+from sloserve.model.attention.torch_paged import TorchPagedAttention  # noqa: E402
 from sloserve.request import Request, SamplingParams  # noqa: E402
 
 BLOCK = 16

@@ -92,6 +92,7 @@ class LLMEngine(RequestIntake):
             dataclasses.replace(config.scheduler, max_model_len=self.max_model_len), self.blocks)
         self.eos_token_id = eos_token_id(self.tokenizer, self.model_config)
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._arrived_kv: dict[str, torch.Tensor] = {}  # remote KV not yet in blocks
         self._ids = itertools.count()
         self.clock: Callable[[], float] = time.monotonic
         self.last_step_time = 0.0
@@ -117,16 +118,22 @@ class LLMEngine(RequestIntake):
         blocks = request.block_ids[: self.blocks.blocks_for(request.num_computed_tokens)]
         return self.runner.export_blocks(blocks)
 
-    def import_prefilled(self, request: Request, kv: torch.Tensor) -> bool:
-        """Continue a request another engine prefilled (its first token sampled there) with
-        that engine's KV. False when this engine has no room for it yet."""
-        if not self.scheduler.add_prefilled(request, self.clock()):
-            return False
-        self.runner.import_blocks(request.block_ids[: kv.shape[2]], kv)
+    def expect_remote(self, request: Request) -> None:
+        """Take over a request another engine prefilled (its first token sampled there): it
+        waits in the scheduler until kv_arrived() brings that engine's KV."""
+        self.scheduler.add_remote(request)
         detok = IncrementalDetokenizer(self.tokenizer, request.sampling_params.stop)
         detok.push(request.output_token_ids)  # the text the client already has
         self._detokenizers[request.request_id] = detok
-        return True
+
+    def kv_arrived(self, request_id: str, kv: torch.Tensor) -> None:
+        """The KV of an expected request, on this engine's device; the step that admits it
+        writes it into its blocks. Ignored for a request aborted meanwhile."""
+        if self.scheduler.kv_arrived(request_id):
+            self._arrived_kv[request_id] = kv
+
+    def has_runnable(self) -> bool:
+        return self.scheduler.has_runnable()
 
     def abort(self, request_id: str) -> None:
         request = self.scheduler.abort(request_id, self.clock())
@@ -139,13 +146,16 @@ class LLMEngine(RequestIntake):
     def stats(self) -> EngineStats:
         s = self.scheduler
         return EngineStats(num_running=len(s.running),
-                           num_waiting=len(s.waiting) + len(s.preempted),
+                           num_waiting=len(s.waiting) + len(s.preempted) + len(s.remote),
                            num_preempted=len(s.preempted), kv_cache_usage=self.blocks.usage)
 
     # ---- one step ----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         start = self.clock()
         plan = self.scheduler.schedule(start)
+        for request in plan.imported:
+            kv = self._arrived_kv.pop(request.request_id)
+            self.runner.import_blocks(request.block_ids[: kv.shape[2]], kv)
         sampled = self.runner.execute(plan)
         now = self.clock()
         self.last_step_time = now - start
@@ -168,6 +178,7 @@ class LLMEngine(RequestIntake):
 
     def _forget(self, request: Request) -> None:
         self._detokenizers.pop(request.request_id, None)
+        self._arrived_kv.pop(request.request_id, None)
         self.runner.release(request.request_id)
 
 

@@ -18,7 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sloserve.cluster.worker import Handoff, InstanceStats, InstanceWorker, PollResult
+from sloserve.cluster.kv_transfer import Handoff, transfer_class
+from sloserve.cluster.worker import InstanceStats, InstanceWorker, PollResult
 from sloserve.config import ClusterConfig
 from sloserve.core.latency import LatencyModel
 from sloserve.core.router import InstanceLoad, Router
@@ -75,7 +76,7 @@ class ClusterEngine(RequestIntake):
             ray.init(address=config.ray_address, include_dashboard=False,
                      log_to_driver=False, configure_logging=False)
         self.instances = self._start_instances(ray)
-        self._link_seq: dict[tuple[int, int], int] = {}  # direct: next handoff per link
+        self._pair_seq: dict[tuple[int, int], int] = {}  # last handoff numbered per pair
         for instance in self.instances:
             if instance.role == "prefill":
                 self._open_links(instance)
@@ -108,7 +109,7 @@ class ClusterEngine(RequestIntake):
         down does the same once it is back)."""
         import ray
 
-        if self.config.kv_transfer != "direct" or instance.role == "colocated":
+        if not transfer_class(self.config.kv_transfer).pairwise or instance.role == "colocated":
             return
         other = "decode" if instance.role == "prefill" else "prefill"
         for peer in (i for i in self.instances if i.role == other and i.alive):
@@ -116,7 +117,7 @@ class ClusterEngine(RequestIntake):
             host, port = ray.get(prefill.actor.kv_link_address.remote())
             prefill.actor.open_link.remote(decode.index, 0, host, port)
             decode.actor.open_link.remote(prefill.index, 1, host, port)
-            self._link_seq[prefill.index, decode.index] = 0
+            self._pair_seq.pop((prefill.index, decode.index), None)
 
     # ---- the engine interface (sloserve/interface.py) -------------------------------------
     def check(self, request: Request) -> None:
@@ -208,23 +209,20 @@ class ClusterEngine(RequestIntake):
                                        f"instance {instance.index}")
 
     def _hand_off(self, source: Instance, handoff: Handoff) -> None:
+        """Name the decode instance: it expects the request at once, and the pair's sends and
+        receives are numbered in this order (kv_transfer/)."""
         request_id = handoff.request.request_id
-        direct = self.config.kv_transfer == "direct"
         target = self._pick_decode(handoff.request) if request_id in self.placement else None
         if target is None:
-            if direct:  # the KV waits on the prefill's device: let it go
-                source.actor.drop_kv.remote(request_id)
+            source.actor.drop_kv.remote(request_id)  # the KV may wait there: let it go
             if self.placement.pop(request_id, None) is not None:
                 self._fail(request_id, "no decode instance is up")
             return  # else: aborted while it was prefilled
         target.sent_blocks += -(-handoff.request.num_tokens // self._block_size)
-        if direct:
-            link = source.index, target.index
-            seq, self._link_seq[link] = self._link_seq[link], self._link_seq[link] + 1
-            source.actor.send_kv.remote(target.index, seq, request_id)
-            target.actor.receive_kv.remote(source.index, seq, handoff)
-        else:
-            target.actor.submit_prefilled.remote(handoff, handoff.kv)
+        pair = source.index, target.index
+        seq = self._pair_seq[pair] = self._pair_seq.get(pair, -1) + 1
+        source.actor.send_kv.remote(target.index, seq, request_id)
+        target.actor.receive_kv.remote(source.index, seq, handoff)
         self.placement[request_id] = target.index
 
     def _instance_failed(self, instance: Instance, error: Exception) -> None:

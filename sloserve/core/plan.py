@@ -27,6 +27,9 @@ class Plan:
     now: float
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)  # request ids preempted this step
+    # Requests whose KV came from another instance and got blocks in this step: the runner
+    # writes that KV into their blocks before it computes the step.
+    imported: list[Request] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:

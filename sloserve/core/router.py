@@ -28,8 +28,8 @@ class InstanceLoad:
 
 
 class Router:
-    """Prompts go to a colocated or prefill instance (`policy`: fewest queued prompt tokens,
-    round robin, or fewest unfinished requests); in tropical mode a decode instance takes a
+    """Prompts go to a colocated or prefill instance (`policy`: fewest queued prompt tokens
+    then fewest requests, round robin, or fewest unfinished requests); in tropical mode a decode instance takes a
     prompt itself when that starts it sooner within its decodes' TPOT slack; while every
     prefill instance is down, decode instances prefill. A prefilled request decodes on the
     decode instance with the most free blocks."""
@@ -51,7 +51,8 @@ class Router:
             if decode is not None:
                 return decode
         if entry is None and self.mode != "colocated":
-            return _least(_live(loads, "decode"), loads, "queued_prompt_tokens")
+            return min(_live(loads, "decode"),
+                       key=lambda i: (loads[i].queued_prompt_tokens, i), default=None)
         return entry
 
     def pick_decode(self, loads: Sequence[InstanceLoad]) -> int | None:
@@ -72,8 +73,11 @@ class Router:
             return None
         if self.policy == "round_robin":
             return candidates[next(self._turn) % len(candidates)]
-        key = "queued_prompt_tokens" if self.policy == "least_queued" else "num_unfinished"
-        return _least(candidates, loads, key)
+        if self.policy == "least_loaded":
+            return min(candidates, key=lambda i: (loads[i].num_unfinished, i))
+        # fewest prompt tokens queued; among equals (often: none queued), fewest requests
+        return min(candidates, key=lambda i: (loads[i].queued_prompt_tokens,
+                                              loads[i].num_unfinished, i))
 
     def _decode_with_slack(self, num_prompt_tokens: int, prefill: int | None,
                            loads: Sequence[InstanceLoad]) -> int | None:
@@ -102,10 +106,6 @@ def _live(loads: Sequence[InstanceLoad], role: str) -> list[int]:
     return [i for i, load in enumerate(loads) if load.alive and load.role == role]
 
 
-def _least(candidates: list[int], loads: Sequence[InstanceLoad], key: str) -> int | None:
-    return min(candidates, key=lambda i: (getattr(loads[i], key), i), default=None)
-
-
 def tpot_slack(running: Iterable, now: float, step_time: float) -> float | None:
     """How long the running requests' decoding can be held up (by prefills sharing their
     steps) with every one of them still meeting its TPOT objective.
@@ -125,3 +125,15 @@ def tpot_slack(running: Iterable, now: float, step_time: float) -> float | None:
                  - remaining * step_time)
         slack = spare if slack is None else min(slack, spare)
     return slack
+
+
+def instance_load(role: str, scheduler, now: float, decode_step_time: float,
+                  last_step_time: float) -> InstanceLoad:
+    """An instance's load as its scheduler (core/scheduler.py) stands: the Ray worker reports
+    this, the simulator reads it, so both routers see the same numbers. Blocks that requests
+    whose KV is on its way will take count as used already."""
+    running = scheduler.running
+    slack = tpot_slack(running, now, decode_step_time) if role == "decode" else None
+    return InstanceLoad(role, scheduler.queued_prompt_tokens(),
+                        scheduler.blocks.num_free_blocks - scheduler.remote_blocks(),
+                        scheduler.num_unfinished, slack, last_step_time)

@@ -26,6 +26,10 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.preempted: deque[Request] = deque()  # in preemption order
         self.running: list[Request] = []
+        # Prefilled elsewhere, waiting for their KV (vLLM's WAITING_FOR_REMOTE_KVS), and of
+        # those, the ones whose KV has arrived, in arrival order.
+        self.remote: dict[str, Request] = {}
+        self.arrived: list[Request] = []
         self._by_id: dict[str, Request] = {}
         self.version = 0  # bumped whenever a request arrives or finishes
 
@@ -50,29 +54,30 @@ class Scheduler:
         self.version += 1
         self._by_id[request.request_id] = request
 
-    def add_prefilled(self, request: Request, now: float) -> bool:
-        """Take over a request whose first num_computed_tokens tokens were computed elsewhere
-        (disaggregated prefill): give it blocks for them and run it. False, changing nothing,
-        when the blocks are not free; the caller copies the KV into request.block_ids."""
+    def add_remote(self, request: Request) -> None:
+        """Expect a request whose first num_computed_tokens tokens were computed on another
+        instance (disaggregated prefill): it waits here without blocks until kv_arrived(),
+        then admission gives it blocks for those tokens and it decodes."""
         if request.request_id in self._by_id:
             raise ValueError(f"duplicate request id {request.request_id!r}")
         self.check(request)
-        computed = request.num_computed_tokens
-        request.block_ids, request.num_computed_tokens = [], 0
-        if len(self.running) >= self.config.max_num_seqs \
-                or not self.blocks.can_allocate(request, computed):
-            request.num_computed_tokens = computed
-            return False
-        self.blocks.allocate(request, computed)
-        request.num_computed_tokens = computed
-        self.blocks.cache_full_blocks(request)
-        request.status = RequestStatus.RUNNING
-        if request.first_scheduled_time is None:
-            request.first_scheduled_time = now
-        self.running.append(request)
+        request.block_ids = []
+        request.status = RequestStatus.WAITING_FOR_REMOTE_KV
+        self.remote[request.request_id] = request
         self._by_id[request.request_id] = request
         self.version += 1
+
+    def kv_arrived(self, request_id: str) -> bool:
+        """The KV of a remote request is here (False: no such request, e.g. aborted)."""
+        request = self.remote.get(request_id)
+        if request is None or request in self.arrived:
+            return False
+        self.arrived.append(request)
         return True
+
+    def remote_blocks(self) -> int:
+        """Blocks the remote requests will take when their KV arrives."""
+        return sum(self.blocks.blocks_for(r.num_tokens) for r in self.remote.values())
 
     def _enqueue(self, request: Request) -> None:
         """Keep `waiting` in (arrival, priority) order; arrivals almost always come last."""
@@ -91,12 +96,17 @@ class Scheduler:
     def finish(self, request: Request, status: RequestStatus, now: float) -> None:
         """End a request (stop, length, abort, error) and give its blocks back."""
         assert status.finished
-        queue = {RequestStatus.WAITING: self.waiting, RequestStatus.RUNNING: self.running,
-                 RequestStatus.PREEMPTED: self.preempted}.get(request.status)
-        if queue is None:
-            return  # already finished
-        queue.remove(request)
-        self.blocks.free(request)
+        if request.status == RequestStatus.WAITING_FOR_REMOTE_KV:
+            del self.remote[request.request_id]
+            if request in self.arrived:
+                self.arrived.remove(request)
+        else:
+            queue = {RequestStatus.WAITING: self.waiting, RequestStatus.RUNNING: self.running,
+                     RequestStatus.PREEMPTED: self.preempted}.get(request.status)
+            if queue is None:
+                return  # already finished
+            queue.remove(request)
+            self.blocks.free(request)
         request.status = status
         request.finish_time = now
         del self._by_id[request.request_id]
@@ -106,6 +116,8 @@ class Scheduler:
     def schedule(self, now: float) -> Plan:
         plan = Plan(now=now)
         self.policy.prepare(self, now)
+        if self.arrived:
+            self._admit_arrived(plan, now)
         budget = self._schedule_running(plan, self.config.max_num_batched_tokens, now)
         # After a preemption the pool is full: admitting now would only thrash (as vLLM v1).
         if (self.waiting or self.preempted) and not plan.preempted \
@@ -166,6 +178,30 @@ class Scheduler:
                 request.first_scheduled_time = now
             self.running.append(request)
 
+    def _admit_arrived(self, plan: Plan, now: float) -> None:
+        """Remote requests whose KV is here get blocks for their computed tokens and run
+        (decoding in this very step): in the policy's admission order, then any it left out,
+        while seats and blocks last."""
+        ordered = list(self.policy.admission_order(self.arrived, (), now))
+        ordered += [r for r in self.arrived if r not in ordered]
+        for request in ordered:
+            if len(self.running) >= self.config.max_num_seqs:
+                return
+            computed, request.num_computed_tokens = request.num_computed_tokens, 0
+            if not self.blocks.can_allocate(request, computed):
+                request.num_computed_tokens = computed
+                return
+            self.blocks.allocate(request, computed)
+            request.num_computed_tokens = computed
+            self.blocks.cache_full_blocks(request)
+            self.arrived.remove(request)
+            del self.remote[request.request_id]
+            request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = now
+            self.running.append(request)
+            plan.imported.append(request)
+
     def _add_chunk(self, plan: Plan, request: Request, n: int) -> None:
         start = request.num_computed_tokens
         plan.chunks.append(ScheduledChunk(request, start, n, start + n == request.num_tokens))
@@ -218,6 +254,10 @@ class Scheduler:
     # ---- figures -----------------------------------------------------------------------
     def has_unfinished(self) -> bool:
         return bool(self._by_id)
+
+    def has_runnable(self) -> bool:
+        """Whether a step could do anything (remote requests without their KV cannot)."""
+        return bool(self.waiting or self.preempted or self.running or self.arrived)
 
     def unfinished_ids(self) -> list[str]:
         return list(self._by_id)

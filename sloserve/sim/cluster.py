@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from sloserve.config import SchedulerConfig
 from sloserve.core.kv_blocks import BlockManager
 from sloserve.core.plan import Plan
-from sloserve.core.router import InstanceLoad, Router, tpot_slack
+from sloserve.core.router import InstanceLoad, Router, instance_load
 from sloserve.core.scheduler import Scheduler
 from sloserve.request import Request, SamplingParams
 from sloserve.sim.fastforward import fast_forward, steady_steps
@@ -61,16 +61,13 @@ class SimInstance:
 
     @property
     def busy(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_runnable()
 
-    def load(self, incoming_blocks: int = 0) -> InstanceLoad:
-        """What the router reads, as the Ray front end builds it from an instance's stats."""
-        s = self.scheduler
-        slack = tpot_slack(s.running, self.clock, self.latency.decode_time(len(s.running))) \
-            if self.role == "decode" else None
-        return InstanceLoad(self.role, s.queued_prompt_tokens(),
-                            s.blocks.num_free_blocks - incoming_blocks, s.num_unfinished,
-                            slack, self.last_step_time)
+    def load(self) -> InstanceLoad:
+        """What the router reads: what the Ray worker reports of its own scheduler."""
+        return instance_load(self.role, self.scheduler, self.clock,
+                             self.latency.decode_time(len(self.scheduler.running)),
+                             self.last_step_time)
 
     def step(self, next_arrival: float) -> list[Request]:
         """One step at self.clock (or a run of identical decode steps); returns the requests
@@ -123,8 +120,7 @@ class Cluster:
         self.max_model_len = max_model_len
         self.transfer = transfer
         self.decisions: list[tuple[str, int]] = []  # (request id, instance), in order
-        self._handoffs: list[tuple[float, int, Request, int]] = []  # heap: KV arrives, ...
-        self._incoming = [0] * len(instances)  # blocks of handoffs on their way there
+        self._handoffs: list[tuple[float, int, str, int]] = []  # heap: KV arrives, seq, ...
         self._seq = 0
 
     def run(self, specs: list[RequestSpec]) -> tuple[list[RequestRecord], float]:
@@ -155,29 +151,26 @@ class Cluster:
         return sorted(records.values(), key=lambda r: r.index), end
 
     def _loads(self) -> list[InstanceLoad]:
-        return [x.load(incoming) for x, incoming in zip(self.instances, self._incoming)]
+        return [x.load() for x in self.instances]
 
     def _hand_off(self, source: SimInstance, request: Request) -> None:
+        """As the Ray front end: the decode instance is chosen at once and expects the
+        request (WAITING_FOR_REMOTE_KV) until its KV arrives."""
         copy = request.handoff_copy()
         source.scheduler.abort(request.request_id, source.clock)  # frees its blocks there
         target = self.router.pick_decode(self._loads())
         self.decisions.append((request.request_id, target))
-        self._incoming[target] += source.scheduler.blocks.blocks_for(copy.num_tokens)
         copy.kv_transfer_time = self.transfer(copy)
+        self.instances[target].scheduler.add_remote(copy)
         self._seq += 1
-        heapq.heappush(self._handoffs, (source.clock + copy.kv_transfer_time, self._seq, copy,
-                                        target))
+        heapq.heappush(self._handoffs, (source.clock + copy.kv_transfer_time, self._seq,
+                                        copy.request_id, target))
 
-    def _import(self, ready: float, _seq: int, request: Request, index: int) -> None:
+    def _import(self, ready: float, _seq: int, request_id: str, index: int) -> None:
         target = self.instances[index]
         if not target.busy:
             target.clock = max(target.clock, ready)
-        if not target.scheduler.add_prefilled(request, max(target.clock, ready)):
-            self._seq += 1  # no room yet: try again a little later
-            heapq.heappush(self._handoffs, (max(target.clock, ready) + IDLE_TICK_S, self._seq,
-                                            request, index))
-            return
-        self._incoming[index] -= target.scheduler.blocks.blocks_for(request.num_tokens)
+        target.scheduler.kv_arrived(request_id)
 
     def _dispatch(self, spec: RequestSpec, records: dict[str, RequestRecord]) -> None:
         request = make_request(spec, self.max_model_len)

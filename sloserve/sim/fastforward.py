@@ -16,7 +16,7 @@ MIN_RUN = 4  # below this, stepping normally is as cheap
 def steady_steps(scheduler: Scheduler) -> int:
     """How many decode steps may be skipped over before something could change (0: none)."""
     running = scheduler.running
-    if (scheduler.waiting or scheduler.preempted or not running
+    if (scheduler.waiting or scheduler.preempted or scheduler.arrived or not running
             or not scheduler.policy.steady_decode
             or len(running) > scheduler.config.max_num_batched_tokens):
         return 0
@@ -25,7 +25,9 @@ def steady_steps(scheduler: Scheduler) -> int:
     for r in running:
         if r.num_pending_tokens != 1:
             return 0  # a prefill is still in progress
-        left = min(r.sampling_params.max_tokens - r.num_output_tokens, limit - r.num_tokens)
+        left = r.sampling_params.max_tokens - r.num_output_tokens
+        if limit is not None:
+            left = min(left, limit - r.num_tokens)
         steps = min(steps, left - 1)  # the finishing step goes through the scheduler
     return steps if steps >= MIN_RUN else 0
 

@@ -9,7 +9,7 @@ import threading
 
 import torch
 
-from sloserve.cluster.kv_link import KVLink
+from sloserve.cluster.kv_transfer.link import KVLink
 
 
 def free_port() -> int:

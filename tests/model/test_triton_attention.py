@@ -13,7 +13,8 @@ pytest.importorskip("triton")
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array:DeprecationWarning")
 
 from sloserve import LLM, SamplingParams  # noqa: E402
-from sloserve.model.attention import AttentionMetadata, TorchPagedAttention  # noqa: E402
+from sloserve.model.attention import AttentionMetadata  # noqa: E402
+from sloserve.model.attention.torch_paged import TorchPagedAttention  # noqa: E402
 from sloserve.model.attention.triton_paged import TritonPagedAttention  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -154,10 +154,10 @@ def test_disaggregated_topology_hands_kv_over_after_the_first_token():
     instances = [SimInstance(SchedulerConfig(), InstanceConfig(400), LATENCY, role=role)
                  for role in roles]
     decoded = []
-    add_prefilled = instances[1].scheduler.add_prefilled
-    instances[1].scheduler.add_prefilled = lambda r, now: (
+    add_remote = instances[1].scheduler.add_remote
+    instances[1].scheduler.add_remote = lambda r: (
         decoded.append((r.request_id, r.num_output_tokens, r.num_computed_tokens)),
-        add_prefilled(r, now))[1]
+        add_remote(r))[1]
     transfer = 0.5  # seconds: large, so that it shows in every TPOT
     records, _ = Cluster(instances, "round_robin", transfer=lambda r: transfer).run(specs(12))
     assert all(r.ok for r in records)
@@ -170,7 +170,8 @@ def test_disaggregated_topology_hands_kv_over_after_the_first_token():
     # the second token waits for the KV: at least the transfer time after the first
     assert all(by_index[s.index].e2e_ms - by_index[s.index].ttft_ms >= transfer * 1e3
                for s in multi)
-    assert all(x.scheduler.blocks.num_used_blocks == 0 for x in instances)
+    assert all(x.scheduler.blocks.num_used_blocks == 0 and not x.scheduler.remote
+               for x in instances)
 
 
 @pytest.mark.parametrize("tpot_ms,takes_second_wave", [(200, True), (20, False)])

@@ -18,7 +18,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-log = logging.getLogger("sloserve.disagg")
+log = logging.getLogger("sloserve.cluster")
 
 TIMEOUT = datetime.timedelta(seconds=120)
 JOB_TIMEOUT_S = 60.0  # a transfer takes milliseconds; one this late has lost its peer
