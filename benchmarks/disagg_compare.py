@@ -27,17 +27,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save  # noqa: E402
 
-from sloserve.workload import spec as workloads  # noqa: E402
 from sloserve.bench.local import run_engine  # noqa: E402
-from sloserve.cluster.frontend import (  # noqa: E402
+from sloserve.cluster.frontend import ClusterEngine  # noqa: E402
+from sloserve.config import (  # noqa: E402
     ClusterConfig,
-    ClusterEngine,
+    EngineConfig,
+    SchedulerConfig,
     parse_replica_spec,
 )
-from sloserve.config import SchedulerConfig  # noqa: E402
 from sloserve.core.latency import LatencyModel  # noqa: E402
 from sloserve.request import SLO  # noqa: E402
 from sloserve.sim.run import Deployment, simulate  # noqa: E402
+from sloserve.workload import spec as workloads  # noqa: E402
 from sloserve.workload.metrics import summarize  # noqa: E402
 
 PROFILE = Path(__file__).resolve().parents[1] / "sloserve/core/profiles/gpu-h100-llama-3-8b.json"
@@ -142,7 +143,7 @@ def main() -> None:
     for mode in args.modes.split(","):
         cluster = ClusterEngine(ClusterConfig(mode=mode, replica_spec=spec,
                                               partition_id=args.partition_id,
-                                              engine_kwargs=engine_kwargs,
+                                              engine=EngineConfig.from_kwargs(**engine_kwargs),
                                               latency_profile=str(PROFILE),
                                               kv_transfer=args.kv_transfer))
         blocks = cluster.instances[0].stats.num_blocks
@@ -160,8 +161,7 @@ def main() -> None:
                         / (sum(r.kv_transfer_ms for r in transfers) / 1e3)) if transfers else 25
                 sim_d = Deployment(latency_profile=str(PROFILE), num_instances=len(spec),
                                    partition_id=args.partition_id,
-                                   router="least_loaded",
-                                   mode=mode,
+                                   mode=mode,  # routed as the front end routes
                                    scheduler=SchedulerConfig(256, 4096, 8192, "chunked"),
                                    num_kv_blocks=blocks, transfer_gb_s=gb_s)
                 sim_records, sim_duration = simulate(sim_d, specs)

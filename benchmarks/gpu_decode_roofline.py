@@ -20,12 +20,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save  # noqa: E402
-from sloserve.runner import ModelRunner  # noqa: E402
 
+from sloserve.config import EngineConfig, SchedulerConfig  # noqa: E402
 from sloserve.core.plan import Plan, ScheduledChunk  # noqa: E402
-from sloserve.model import loader  # noqa: E402
 from sloserve.model.attention.torch_paged import TorchPagedAttention  # noqa: E402
 from sloserve.request import Request, SamplingParams  # noqa: E402
+from sloserve.worker.model_runner import ModelRunner  # noqa: E402
 
 BLOCK = 16
 
@@ -87,10 +87,12 @@ def main() -> None:
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     bandwidth = copy_bandwidth()
-    loaded = loader.load(args.model, torch.bfloat16, torch.device("cuda"), BLOCK, "triton")
-    model, config = loaded.model, loaded.config
     num_blocks = max(batches) * -(-(args.context + 1) // BLOCK)
-    runner = ModelRunner(model, num_blocks, BLOCK, cuda_graph_max_batch=max(batches))
+    runner = ModelRunner(EngineConfig(
+        model=args.model, dtype="bfloat16", device="cuda", block_size=BLOCK,
+        num_kv_blocks=num_blocks, attention_backend="triton",
+        scheduler=SchedulerConfig(max_num_seqs=max(batches))))
+    model, config = runner.model, runner.loaded.config
     weights = weight_bytes_per_step(model)
     kv_per_token = config.kv_bytes_per_token(2)
     rows = []

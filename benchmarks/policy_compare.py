@@ -16,7 +16,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save  # noqa: E402
 
-from sloserve.workload import spec as workload  # noqa: E402
 from sloserve.bench.local import run_engine  # noqa: E402
 from sloserve.config import (
     EngineConfig,
@@ -24,6 +23,7 @@ from sloserve.config import (
 )
 from sloserve.engine import LLMEngine  # noqa: E402
 from sloserve.request import SLO  # noqa: E402
+from sloserve.workload import spec as workload  # noqa: E402
 from sloserve.workload.metrics import summarize  # noqa: E402
 
 

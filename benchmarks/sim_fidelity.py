@@ -17,7 +17,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save  # noqa: E402
 
-from sloserve.workload import spec as workload  # noqa: E402
 from sloserve.bench.local import run_engine  # noqa: E402
 from sloserve.config import (
     EngineConfig,
@@ -26,6 +25,7 @@ from sloserve.config import (
 from sloserve.core.latency import LatencyModel  # noqa: E402
 from sloserve.engine import LLMEngine  # noqa: E402
 from sloserve.sim.cluster import Cluster, InstanceConfig, SimInstance  # noqa: E402
+from sloserve.workload import spec as workload  # noqa: E402
 from sloserve.workload.metrics import summarize  # noqa: E402
 
 METRICS = [("ttft_ms", "mean"), ("ttft_ms", "p90"), ("tpot_ms", "mean"), ("tpot_ms", "p90")]

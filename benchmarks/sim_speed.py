@@ -16,9 +16,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save  # noqa: E402
 
-from sloserve.workload import spec as workload  # noqa: E402
 from sloserve.config import SchedulerConfig  # noqa: E402
 from sloserve.sim.run import Deployment, simulate  # noqa: E402
+from sloserve.workload import spec as workload  # noqa: E402
 from sloserve.workload.metrics import summarize  # noqa: E402
 
 

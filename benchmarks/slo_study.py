@@ -19,10 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save  # noqa: E402
 from policy_compare import scaled  # noqa: E402
 
-from sloserve.workload import report  # noqa: E402
-from sloserve.workload import spec as workload  # noqa: E402
 from sloserve.config import SchedulerConfig  # noqa: E402
 from sloserve.sim.run import Deployment, simulate  # noqa: E402
+from sloserve.workload import report  # noqa: E402
+from sloserve.workload import spec as workload  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"

@@ -47,6 +47,7 @@ class Instance:
     poll: Any = None  # the outstanding poll's ObjectRef
     alive: bool = True
     sent_tokens: int = 0  # prompt tokens routed here since its last stats
+    sent_requests: int = 0  # requests routed or handed here since its last stats
     sent_blocks: int = 0  # KV blocks handed here since its last stats
 
     def load(self) -> InstanceLoad:
@@ -54,6 +55,7 @@ class Instance:
         load = self.stats.load
         return dataclasses.replace(
             load, queued_prompt_tokens=load.queued_prompt_tokens + self.sent_tokens,
+            num_unfinished=load.num_unfinished + self.sent_requests,
             free_blocks=load.free_blocks - self.sent_blocks, alive=self.alive)
 
 
@@ -135,6 +137,7 @@ class ClusterEngine(RequestIntake):
 
     def _send(self, request: Request, instance: Instance) -> None:
         instance.sent_tokens += request.num_tokens
+        instance.sent_requests += 1
         instance.actor.submit.remote(request)
         self.placement[request.request_id] = instance.index
 
@@ -188,7 +191,7 @@ class ClusterEngine(RequestIntake):
             log.info("engine instance %d (%s) is back", instance.index, instance.role)
             self._open_links(instance)  # its old links died with it
         instance.alive, instance.stats = True, result.stats
-        instance.sent_tokens = instance.sent_blocks = 0
+        instance.sent_tokens = instance.sent_requests = instance.sent_blocks = 0
         for out in result.outputs:
             if self.placement.get(out.request_id) is None:
                 continue  # aborted meanwhile
@@ -219,6 +222,7 @@ class ClusterEngine(RequestIntake):
                 self._fail(request_id, "no decode instance is up")
             return  # else: aborted while it was prefilled
         target.sent_blocks += -(-handoff.request.num_tokens // self._block_size)
+        target.sent_requests += 1
         pair = source.index, target.index
         seq = self._pair_seq[pair] = self._pair_seq.get(pair, -1) + 1
         source.actor.send_kv.remote(target.index, seq, request_id)

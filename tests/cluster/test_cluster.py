@@ -16,13 +16,6 @@ from sloserve.cluster.frontend import ClusterEngine  # noqa: E402
 from sloserve.config import ClusterConfig, EngineConfig  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.fixture(scope="module", params=["object-store", "direct"])
 def cluster(local_ray, request):
     engine = ClusterEngine(ClusterConfig(mode="disagg", replica_spec=((1, 1), (1, 1)),

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from sloserve.config import SchedulerConfig
 from sloserve.core.kv_blocks import BlockManager
-from sloserve.core.scheduler import Scheduler, SchedulerConfig
+from sloserve.core.scheduler import Scheduler
 from sloserve.request import SLO, Request, SamplingParams
 
 EOS = 0

@@ -147,3 +147,54 @@ def test_rejects_what_can_never_run():
     scheduler.add(make_request("ok", prompt_len=3))
     with pytest.raises(ValueError, match="duplicate"):
         scheduler.add(make_request("ok", prompt_len=3))
+
+
+def prefilled_elsewhere(request_id: str, prompt_len: int, deadline_ms: float | None = None):
+    """A request as a decode instance receives it: prompt computed, first token sampled."""
+    from sloserve.request import SLO
+
+    request = make_request(request_id, prompt_len, max_tokens=3, first_token=len(request_id),
+                           slo=SLO(tpot_ms=deadline_ms) if deadline_ms else None)
+    request.output_token_ids = [9]
+    request.num_computed_tokens = prompt_len
+    request.first_token_time = 0.0
+    return request
+
+
+def test_a_request_waits_for_its_remote_kv_inside_the_scheduler():
+    """WAITING_FOR_REMOTE_KV: counted as unfinished, holds no blocks and cannot run until its
+    KV arrives; then it gets blocks for its computed tokens and decodes in that same step."""
+    scheduler = make_scheduler(num_blocks=8, block_size=4)
+    scheduler.add_remote(prefilled_elsewhere("r", prompt_len=6))
+    assert scheduler.has_unfinished() and not scheduler.has_runnable()
+    assert scheduler.remote_blocks() == 2 and scheduler.blocks.num_used_blocks == 0
+    assert run_step(scheduler, 1.0).is_empty
+    assert scheduler.kv_arrived("r") and not scheduler.kv_arrived("r")
+    plan = run_step(scheduler, 2.0)
+    assert [r.request_id for r in plan.imported] == ["r"]
+    assert [(c.request.request_id, c.start, c.num_tokens) for c in plan.chunks] == [("r", 6, 1)]
+    assert scheduler.get("r").status == RequestStatus.RUNNING and not scheduler.remote
+    run_to_end(scheduler, start=3.0)
+    assert scheduler.blocks.num_used_blocks == 0
+
+
+def test_arrived_kv_is_admitted_in_the_policys_order_and_waits_for_blocks():
+    scheduler = make_scheduler(num_blocks=4, block_size=4, policy="edf")
+    for rid, tpot in (("loose", 500.0), ("tighter", 10.0)):
+        scheduler.add_remote(prefilled_elsewhere(rid, prompt_len=7, deadline_ms=tpot))
+        scheduler.kv_arrived(rid)
+    plan = run_step(scheduler, 0.0)  # 2 blocks each (7 computed + 1): room for both
+    assert [r.request_id for r in plan.imported] == ["tighter", "loose"]
+    scheduler.add_remote(prefilled_elsewhere("latest", prompt_len=7))
+    scheduler.kv_arrived("latest")
+    assert not run_step(scheduler, 1.0).imported  # the pool is full: it waits, unharmed
+    assert scheduler.get("latest").status == RequestStatus.WAITING_FOR_REMOTE_KV
+    run_to_end(scheduler, start=2.0)
+    assert scheduler.blocks.num_used_blocks == 0
+
+
+def test_aborting_a_request_whose_kv_is_on_its_way_forgets_it():
+    scheduler = make_scheduler()
+    scheduler.add_remote(prefilled_elsewhere("r", prompt_len=5))
+    scheduler.abort("r", 1.0)
+    assert not scheduler.has_unfinished() and not scheduler.kv_arrived("r")
