@@ -19,6 +19,7 @@ class ScheduledChunk:
 
     @property
     def is_decode(self) -> bool:
+        """One new token after the prompt (a decode), as opposed to prompt work."""
         return self.num_tokens == 1 and self.start >= self.request.num_prompt_tokens
 
 

@@ -29,10 +29,10 @@ class InstanceLoad:
 
 class Router:
     """Prompts go to a colocated or prefill instance (`policy`: fewest queued prompt tokens
-    then fewest requests, round robin, or fewest unfinished requests); in tropical mode a decode instance takes a
-    prompt itself when that starts it sooner within its decodes' TPOT slack; while every
-    prefill instance is down, decode instances prefill. A prefilled request decodes on the
-    decode instance with the most free blocks."""
+    then fewest requests, round robin, or fewest unfinished requests); in tropical mode a
+    decode instance takes a prompt itself when that starts it sooner within its decodes' TPOT
+    slack; while every prefill instance is down, decode instances prefill. A prefilled request
+    decodes on the decode instance with the most free blocks."""
 
     def __init__(self, mode: str = "colocated", policy: str = "least_queued", latency=None):
         if policy not in ROUTERS:

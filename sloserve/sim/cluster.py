@@ -174,7 +174,9 @@ class Cluster:
 
     def _dispatch(self, spec: RequestSpec, records: dict[str, RequestRecord]) -> None:
         request = make_request(spec, self.max_model_len)
-        index = self.router.route_prompt(request.num_prompt_tokens, self._loads())
+        # one instance: no choice to make (and no queue to sum per arrival)
+        index = 0 if len(self.instances) == 1 else self.router.route_prompt(
+            request.num_prompt_tokens, self._loads())
         self.decisions.append((request.request_id, index))
         instance = self.instances[index]
         if not instance.busy:

@@ -17,9 +17,9 @@ class ChunkedPrefillPolicy(Policy):
     steady_decode = True
 
     def running_order(self, running: Sequence[Request], now: float) -> Iterable[Request]:
-        decodes = [r for r in running if r.num_pending_tokens == 1]
-        prefills = [r for r in running if r.num_pending_tokens > 1]
-        return decodes + prefills
+        # one token to compute: decodes (and the rare prompt with one token left)
+        single = [r for r in running if r.num_pending_tokens == 1]
+        return single + [r for r in running if r.num_pending_tokens > 1]
 
     def chunk_size(self, request: Request, num_pending: int, budget: int, step_budget: int) -> int:
         return min(num_pending, budget)
