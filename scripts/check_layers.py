@@ -23,7 +23,8 @@ LAYERS = [
     ["sloserve.worker", "sloserve.detokenizer"],  # one rank: model runner, graphs, ranks
     ["sloserve.engine"],
     ["sloserve.llm", "sloserve.profiler", "sloserve.cluster"],
-    ["sloserve.server", "sloserve.sim", "sloserve.bench"],
+    ["sloserve.server", "sloserve.sim"],
+    ["sloserve.bench"],  # above sim: the simulator never imports the load client
     ["sloserve.cli", "sloserve"],
 ]
 
