@@ -17,10 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save  # noqa: E402
 
 from sloserve.bench.local import run_engine  # noqa: E402
-from sloserve.config import (
-    EngineConfig,
-    SchedulerConfig,  # noqa: E402
-)
+from sloserve.config import EngineConfig, SchedulerConfig  # noqa: E402
 from sloserve.engine import LLMEngine  # noqa: E402
 from sloserve.request import SLO  # noqa: E402
 from sloserve.workload import spec as workload  # noqa: E402

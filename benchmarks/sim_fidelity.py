@@ -18,10 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save  # noqa: E402
 
 from sloserve.bench.local import run_engine  # noqa: E402
-from sloserve.config import (
-    EngineConfig,
-    SchedulerConfig,  # noqa: E402
-)
+from sloserve.config import EngineConfig, SchedulerConfig  # noqa: E402
 from sloserve.core.latency import LatencyModel  # noqa: E402
 from sloserve.engine import LLMEngine  # noqa: E402
 from sloserve.sim.cluster import Cluster, InstanceConfig, SimInstance  # noqa: E402
