@@ -19,19 +19,8 @@ from common import save  # noqa: E402
 from sloserve.bench.local import run_engine  # noqa: E402
 from sloserve.config import EngineConfig, SchedulerConfig  # noqa: E402
 from sloserve.engine import LLMEngine  # noqa: E402
-from sloserve.request import SLO  # noqa: E402
 from sloserve.workload import spec as workload  # noqa: E402
 from sloserve.workload.metrics import summarize  # noqa: E402
-
-
-def scaled(spec: workload.WorkloadSpec, factor: float) -> workload.WorkloadSpec:
-    """Every objective x factor: the shipped edge SLOs assume faster hardware than 2 cores."""
-    def scale(slo: SLO) -> SLO:
-        return dataclasses.replace(slo, **{k: getattr(slo, k) * factor for k in
-                                           ("ttft_ms", "tpot_ms", "deadline_ms")
-                                           if getattr(slo, k) is not None})
-    classes = tuple(dataclasses.replace(c, slo=scale(c.slo)) for c in spec.classes)
-    return dataclasses.replace(spec, classes=classes)
 
 
 def main() -> None:
@@ -43,7 +32,7 @@ def main() -> None:
     parser.add_argument("--slo-scale", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    spec = scaled(workload.load("edge"), args.slo_scale)
+    spec = workload.load("edge").scaled(args.slo_scale)  # edge SLOs assume faster hardware
     rest = (1 - args.realtime_share) / (len(spec.classes) - 1)
     spec = dataclasses.replace(spec, classes=tuple(
         dataclasses.replace(c, share=args.realtime_share if c.slo.realtime else rest)

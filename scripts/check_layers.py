@@ -25,6 +25,7 @@ LAYERS = [
     ["sloserve.llm", "sloserve.profiler", "sloserve.cluster"],
     ["sloserve.server", "sloserve.sim"],
     ["sloserve.bench"],  # above sim: the simulator never imports the load client
+    ["sloserve.tune"],  # searches with the simulator, verifies with the load client
     ["sloserve.cli", "sloserve"],
 ]
 

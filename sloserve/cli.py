@@ -132,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sloserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    parser.commands = sub.choices
     gen = sub.add_parser("generate", help="reply to one prompt and print it")
     gen.add_argument("prompt")
     gen.add_argument("--raw", action="store_true", help="no chat template: plain completion")
@@ -185,18 +186,61 @@ def build_parser() -> argparse.ArgumentParser:
     simulate = sub.add_parser("sim", help="simulate a workload on the real scheduler")
     sim.add_sim_args(simulate)
     simulate.set_defaults(func=sim.cmd_sim)
+
+    from sloserve.tune import command as tune
+
+    tuner = sub.add_parser("tune", help="search the configuration that meets an SLO at the "
+                                        "highest load (by simulation)")
+    tune.add_tune_args(tuner)
+    tuner.set_defaults(func=tune.cmd_tune)
     return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line; with --config FILE, the file's settings are the defaults that the
+    flags given override."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        command = parser.commands[args.command]
+        command.set_defaults(**config_file_defaults(args.config, command))
+        args = parser.parse_args(argv)
+    return args
+
+
+def config_file_defaults(path: str, command: argparse.ArgumentParser) -> dict:
+    """A YAML or JSON mapping of setting names (flag names with underscores, as `sloserve
+    tune` writes) to values; `policy_options` is a mapping of the policy's knobs."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise UsageError(f"--config {path}: {e}") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path}: expected a mapping of settings")
+    options = values.pop("policy_options", None) or {}
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    if options:
+        values["policy_option"] = [f"{k}={v}" for k, v in options.items()]
+    known = {a.dest for a in command._actions} - {"help", "config", "func"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UsageError(f"--config {path}: unknown setting {unknown[0]!r}")
+    return values
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["bench", "compare"]:
         argv = ["bench-compare", *argv[2:]]
-    args = build_parser().parse_args(argv)
+    command = next((a for a in argv if not a.startswith("-")), "")
     try:
+        args = parse_args(argv)
         args.func(args)
     except UsageError as e:
-        print(f"sloserve {args.command}: error: {e}", file=sys.stderr)
+        print(f"sloserve {command}: error: {e}", file=sys.stderr)
         return 2
     return 0
 

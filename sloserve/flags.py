@@ -88,6 +88,9 @@ def _policy_options(args: argparse.Namespace, cls: type) -> dict[str, Any]:
 
 
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="YAML/JSON of settings (flag names with underscores, e.g. what "
+                        "`sloserve tune` writes); flags given override it")
     add_dataclass_flags(p, EngineConfig)
     add_scheduler_flags(p)
 

@@ -80,8 +80,9 @@ def model_shape(name: str) -> ModelShape:
                       c.vocab_size, c.hidden_size)
 
 
-def simulate(d: Deployment, specs: list[RequestSpec], on_plan=None
-             ) -> tuple[list[RequestRecord], float]:
+def simulate(d: Deployment, specs: list[RequestSpec], on_plan=None,
+             max_misses: int | None = None) -> tuple[list[RequestRecord], float]:
+    """Records and duration (see Cluster.run for `max_misses`)."""
     latency, blocks = latency_model(d)
     instance = InstanceConfig(blocks, d.block_size)
     instances = [SimInstance(d.scheduler, instance, latency, on_plan, role=role)
@@ -92,7 +93,7 @@ def simulate(d: Deployment, specs: list[RequestSpec], on_plan=None
         return request.num_computed_tokens * per_token / (d.transfer_gb_s * 1e9)
 
     return Cluster(instances, d.router, d.scheduler.max_model_len, transfer,
-                   tropical=d.mode == "tropical").run(specs)
+                   tropical=d.mode == "tropical").run(specs, max_misses)
 
 
 def plan_log() -> tuple[list[tuple], Any]:

@@ -5,6 +5,7 @@ Shipped ones live in workloads/ and are named without extension (`--workload edg
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from dataclasses import dataclass, field
@@ -35,6 +36,17 @@ class WorkloadSpec:
     input_len: int = 512  # synthetic
     output_len: int = 128  # synthetic
     chat: bool = False  # send as chat messages rather than plain completions
+
+    def scaled(self, factor: float) -> WorkloadSpec:
+        """Every objective x factor (for hardware slower than the SLOs assume)."""
+        def scale(slo: SLO) -> SLO:
+            return dataclasses.replace(slo, **{k: getattr(slo, k) * factor for k in
+                                               ("ttft_ms", "tpot_ms", "deadline_ms")
+                                               if getattr(slo, k) is not None})
+        if factor == 1:
+            return self
+        return dataclasses.replace(self, classes=tuple(
+            dataclasses.replace(c, slo=scale(c.slo)) for c in self.classes))
 
     @property
     def is_trace(self) -> bool:

@@ -16,6 +16,7 @@ mask are rebuilt whenever a task arrives or finishes.
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 from collections.abc import Iterable, Sequence
 
@@ -39,6 +40,17 @@ def _busy(rates_descending: Sequence[float], steps: Sequence[float]) -> float:
     return sum(v * (steps[b] - steps[b - 1]) for b, v in enumerate(rates_descending, start=1))
 
 
+def _insertion_cost(rates_descending: Sequence[float], steps: Sequence[float], at: int,
+                    rate: float) -> float:
+    """What _busy grows by when `rate` is inserted at index `at`: its own term, plus one batch
+    size more for every rate after it. O(len - at): selections insert near the end."""
+    cost = rate * (steps[at + 1] - steps[at])
+    for i in range(at, len(rates_descending)):
+        cost += rates_descending[i] * (steps[i + 2] - 2 * steps[i + 1] + steps[i])
+    return cost
+
+
+@functools.lru_cache(maxsize=4096)  # re-planned on every arrival: the same rows recur
 def mask_columns(tokens_per_cycle: int, num_columns: int) -> frozenset[int]:
     """k ones spread evenly over the columns of one cycle."""
     return frozenset(i * num_columns // tokens_per_cycle for i in range(tokens_per_cycle))
@@ -71,6 +83,7 @@ class SlicePolicy(Policy):
             latency = LatencyModel.from_file(latency)
         self.latency = latency
         self.speed = 1.0  # measured / predicted step time, learnt online (EWMA)
+        self._profile_steps: list[float] = []  # latency.decode_time(b) at index b
         self._version = -1  # the scheduler's version the selection was made for
         self.selected: list[Request] = []  # by utility rate, highest first
         self.rows: dict[str, frozenset[int]] = {}  # the mask: request id -> its columns
@@ -106,21 +119,29 @@ class SlicePolicy(Policy):
         row do not fit, the rest (lower utility rates) are not tried."""
         ordered = sorted(candidates, key=lambda r: (-self.utility_rate(r), not r.slo.realtime,
                                                     r.arrival_time))
-        steps = [self.decode_time(b) for b in range(min(len(ordered), limit) + 1)]
+        steps = self._steps(min(len(ordered), limit) + 1)
         chosen: list[Request] = []
         rates: list[float] = []  # descending
-        misses = 0
+        busy, misses = 0.0, 0
         for request in ordered:
             if len(chosen) == limit or misses == MAX_MISSES:
                 break
-            trial = rates.copy()
-            bisect.insort(trial, self.rate(request), key=lambda v: -v)
-            if _busy(trial, steps) <= self.ratio or not chosen:
+            rate = self.rate(request)
+            at = bisect.bisect_right(rates, -rate, key=lambda v: -v)  # after equal rates
+            trial = busy + _insertion_cost(rates, steps, at, rate)
+            if trial <= self.ratio or not chosen:
                 chosen.append(request)
-                rates, misses = trial, 0
+                rates.insert(at, rate)
+                busy, misses = trial, 0
             else:
                 misses += 1
         return chosen
+
+    def _steps(self, n: int) -> list[float]:
+        """decode_time(b) for b < n (the profile's part cached; the speed factor moves)."""
+        while len(self._profile_steps) < n:
+            self._profile_steps.append(self.latency.decode_time(len(self._profile_steps)))
+        return [t * self.speed for t in self._profile_steps[:n]]
 
     # ---- stage 2: the token mask -------------------------------------------------------
     def build_mask(self, selected: Sequence[Request]) -> None:
@@ -168,10 +189,14 @@ class SlicePolicy(Policy):
         step costs about what one more decode row costs."""
         if limit == float("inf"):
             return 1 << 30
-        room = 0
-        while room < 1 << 16 and self.decode_time(num_decodes + room + 8) <= limit:
-            room += 8
-        return room
+        lo, hi = 0, 1 << 13  # in 8-token steps: the first step that no longer fits
+        while lo < hi:  # step times grow with the batch: bisect
+            mid = (lo + hi) // 2
+            if self.decode_time(num_decodes + 8 * mid + 8) <= limit:
+                lo = mid + 1
+            else:
+                hi = mid
+        return 8 * lo
 
     def admission_order(self, preempted: Sequence[Request], waiting: Sequence[Request],
                         now: float) -> Iterable[Request]:

@@ -1,0 +1,92 @@
+"""`sloserve tune` on this CPU, checked against the real server in the same run.
+
+1. Profile this machine (the embedded SmolLM2 in float32): the tuner's latency model.
+2. Tune for the edge workload (objectives x --slo-scale: the shipped ones assume faster
+   hardware), target 90% attainment, by simulation.
+3. Serve the defaults (`sloserve serve`, fcfs) and the winner for real and load each with the
+   bench client at rates around its predicted capacity (--seconds of Poisson arrivals per
+   rate); the measured capacity is the highest rate whose attainment reaches the target.
+
+Writes benchmarks/results/tune_cpu.json with "ratios": {"tuned_over_default_capacity",
+"prediction_error" (|predicted - measured| / measured, for the winner)}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import save  # noqa: E402
+
+from sloserve.sim.run import Deployment  # noqa: E402
+from sloserve.tune.command import profile_this_machine, row  # noqa: E402
+from sloserve.tune.search import SUSTAINED, Problem, Tuner, rate  # noqa: E402
+from sloserve.tune.space import coarse_grid  # noqa: E402
+from sloserve.tune.verify import measure_served, served  # noqa: E402
+from sloserve.workload import spec as workloads  # noqa: E402
+
+
+def measured_capacity(candidate, problem: Problem, around: int, seconds: float,
+                      folder: Path) -> tuple[float, dict[float, float]]:
+    """Highest ladder rate (of those tried around `around`) whose attainment reaches the
+    target, walking up from below until one misses."""
+    points: dict[float, float] = {}
+    with served(candidate, None, folder) as url:
+        k = around - 3
+        while True:
+            points[rate(k)] = measure_served(url, problem, k, seconds)
+            print(f"  {candidate.describe()} at {rate(k):.3g} req/s: {points[rate(k)]:.1%}",
+                  flush=True)
+            if points[rate(k)] < problem.target or k >= around + 4:
+                break
+            k += 1
+    passing = [r for r, a in points.items() if a >= problem.target]
+    return max(passing, default=0.0), points
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--slo-scale", type=float, default=2.0)
+    parser.add_argument("--seconds", type=float, default=60.0,
+                        help="seconds of arrivals per measured rate")
+    parser.add_argument("--target", type=float, default=0.9)
+    args = parser.parse_args()
+    folder = Path("tune-results/cpu")
+    started = time.time()
+    profile = profile_this_machine(None, folder)
+    problem = Problem(workloads.load("edge").scaled(args.slo_scale),
+                      Deployment(latency_profile=str(profile)), args.target)
+    tuner = Tuner(problem, workers=2)
+    ranked = tuner.run(coarse_grid())
+    winner, default = tuner.final[0], tuner.baseline()
+    print(f"predicted: winner {winner.candidate.describe()} {winner.capacity:.3g} req/s, "
+          f"defaults {default.capacity:.3g} req/s", flush=True)
+    measured = {}
+    for name, e in (("defaults", default), ("winner", winner)):
+        cap, points = measured_capacity(e.candidate, problem, e.capacity_k, args.seconds,
+                                        folder)
+        measured[name] = {"candidate": e.candidate.describe(), "predicted_req_s": e.capacity,
+                          "measured_req_s": cap, "attainment_by_rate": points,
+                          "flags": e.candidate.flags()}
+    ratio = (measured["winner"]["measured_req_s"] / measured["defaults"]["measured_req_s"]
+             if measured["defaults"]["measured_req_s"] else None)
+    error = (abs(winner.capacity - measured["winner"]["measured_req_s"])
+             / measured["winner"]["measured_req_s"]
+             if measured["winner"]["measured_req_s"] else None)
+    path = save("tune_cpu", {
+        "workload": f"edge, objectives x {args.slo_scale}", "target": args.target,
+        "model": "SmolLM2-135M-Instruct (embedded), float32",
+        "latency_profile": "measured in this run", "seconds_per_rate": args.seconds,
+        "sustained_sim": {"seconds": SUSTAINED.seconds, "min_requests": SUSTAINED.min_requests},
+        "candidates_evaluated": len(tuner.results), "measured": measured,
+        "ratios": {"tuned_over_default_capacity": ratio, "prediction_error": error},
+        "ranked": [row(e) for e in ranked[:20]], "wall_s": round(time.time() - started)})
+    print(f"tuned / default measured capacity: {ratio}; prediction error: {error}; "
+          f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""`sloserve tune --verify N`: serve each of the top N for real (`sloserve serve` in a child
+process) and load it with the bench client at the predicted capacity and ~1.2x it, beside
+what the simulator predicted for the same requests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from sloserve.bench.client import ClientConfig, run_requests
+from sloserve.tune.search import SUSTAINED, Evaluation, Problem, measure, rate
+from sloserve.tune.space import Candidate
+from sloserve.workload import spec as workloads
+from sloserve.workload.metrics import summarize
+
+HIGHER = 2  # rungs above the capacity: 1.1^2 = 1.21x
+
+
+def verify(finals: list[Evaluation], problem: Problem, args, folder: Path) -> str:
+    lines = [f"{'candidate':58s} {'rate':>7} {'predicted':>9} {'measured':>9}"]
+    for e in finals:
+        if e.capacity_k is None:
+            continue
+        with served(e.candidate, args.model, folder) as url:
+            for k in (e.capacity_k, e.capacity_k + HIGHER):
+                predicted = e.points.get(rate(k)) or measure(problem, e.candidate, k, SUSTAINED)
+                measured = measure_served(url, problem, k, args.verify_seconds)
+                lines.append(f"{e.candidate.describe():58s} {rate(k):7.3g} "
+                             f"{predicted['slo_attainment']:9.1%} {measured:9.1%}")
+    return "\n".join(lines)
+
+
+def measure_served(url: str, problem: Problem, k: int, seconds: float) -> float:
+    """SLO attainment of a real server under `seconds` of Poisson arrivals at rate k."""
+    r = rate(k)
+    specs = workloads.build(problem.workload, max(10, math.ceil(r * seconds)), problem.seed,
+                            rate=r)
+    records, duration = asyncio.run(run_requests(ClientConfig(url), specs))
+    return summarize(records, duration)["slo_attainment"]
+
+
+@contextlib.contextmanager
+def served(candidate: Candidate, model: str | None, folder: Path) -> Iterator[str]:
+    """`sloserve serve` with the candidate's flags on a free port, until the block ends."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [sys.executable, "-m", "sloserve.cli", "serve", "--port", str(port),
+            *candidate.flags(), *(["--model", model] if model else [])]
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"serve-{port}.log", "w") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            _wait_healthy(url, proc)
+            yield url
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 300.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"sloserve serve exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"sloserve serve did not come up within {timeout:g} s")
