@@ -35,12 +35,12 @@ def measured_capacity(candidate, problem: Problem, around: int, seconds: float,
     target, walking up from below until one misses."""
     points: dict[float, float] = {}
     with served(candidate, None, folder) as url:
-        k = around - 3
+        k = around - 2
         while True:
             points[rate(k)] = measure_served(url, problem, k, seconds)
             print(f"  {candidate.describe()} at {rate(k):.3g} req/s: {points[rate(k)]:.1%}",
                   flush=True)
-            if points[rate(k)] < problem.target or k >= around + 4:
+            if points[rate(k)] < problem.target or k >= around + 3:
                 break
             k += 1
     passing = [r for r, a in points.items() if a >= problem.target]

@@ -35,7 +35,7 @@ def test_a_search_with_a_known_optimum_finds_it(flat_profile):
     problem = Problem(workloads.parse(WORKLOAD), Deployment(latency_profile=str(flat_profile),
                                                            num_kv_blocks=4096))
     space = [Candidate("fcfs", max_num_seqs=n, max_num_batched_tokens=2048) for n in (1, 4, 16)]
-    tuner = Tuner(problem, screen=RunLength(10, 100, 600), sustained=RunLength(15, 200),
+    tuner = Tuner(problem, screen=RunLength(10, 100), sustained=RunLength(15, 200),
                   refine_rounds=0, finalists=1)
     ranked = tuner.run(space)
     assert ranked[0].candidate.max_num_seqs == 16 and ranked[0].sustained
