@@ -34,7 +34,7 @@ def measured_capacity(candidate, problem: Problem, around: int, seconds: float,
     """Highest ladder rate (of those tried around `around`) whose attainment reaches the
     target, walking up from below until one misses."""
     points: dict[float, float] = {}
-    with served(candidate, None, folder) as url:
+    with served(candidate, None, folder, problem.serve_flags()) as url:
         k = around - 2
         while True:
             points[rate(k)] = measure_served(url, problem, k, seconds)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
 from sloserve.config import MODES, EngineConfig, SchedulerConfig, roles, setting
 from sloserve.core.latency import GPUS, LatencyModel, ModelShape, RooflineModel
 from sloserve.core.plan import Plan
+from sloserve.core.policies import policy_class
 from sloserve.sim.cluster import Cluster, InstanceConfig, SimInstance
 from sloserve.workload.metrics import RequestRecord
 from sloserve.workload.spec import RequestSpec
@@ -85,7 +88,8 @@ def simulate(d: Deployment, specs: list[RequestSpec], on_plan=None,
     """Records and duration (see Cluster.run for `max_misses`)."""
     latency, blocks = latency_model(d)
     instance = InstanceConfig(blocks, d.block_size)
-    instances = [SimInstance(d.scheduler, instance, latency, on_plan, role=role)
+    scheduler = with_policy_latency(d.scheduler, latency)
+    instances = [SimInstance(scheduler, instance, latency, on_plan, role=role)
                  for role in d.roles()]
     per_token = d.kv_bytes_per_token()
 
@@ -94,6 +98,16 @@ def simulate(d: Deployment, specs: list[RequestSpec], on_plan=None,
 
     return Cluster(instances, d.router, d.scheduler.max_model_len, transfer,
                    tropical=d.mode == "tropical").run(specs, max_misses)
+
+
+def with_policy_latency(scheduler: SchedulerConfig, latency) -> SchedulerConfig:
+    """A policy that prices steps (slice) prices them with the simulated hardware's model,
+    unless told otherwise: the steps it plans are the ones the simulator charges."""
+    if "latency" in scheduler.policy_options or \
+            "latency" not in inspect.signature(policy_class(scheduler.policy)).parameters:
+        return scheduler
+    return dataclasses.replace(scheduler,
+                               policy_options={**scheduler.policy_options, "latency": latency})
 
 
 def plan_log() -> tuple[list[tuple], Any]:

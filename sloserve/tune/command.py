@@ -132,17 +132,20 @@ def write_results(folder: Path, args: argparse.Namespace, tuner: Tuner,
         lines.append(f"nothing meets {args.target:.0%} attainment at any rate; closest is "
                      f"{closest.candidate.describe()} (best attainment seen: {best:.1%})")
         return "\n".join(lines)
+    extra = tuner.problem.serve_flags()
+    config = {**winner.candidate.config_file(),
+              **({"latency_profile": extra[1]} if extra else {})}
     (folder / "tuned.yaml").write_text(
         f"# sloserve tune --workload {args.workload} --target {args.target}: "
         f"{winner.per_gpu:.3g} req/s per GPU predicted\n"
-        + yaml.safe_dump(winner.candidate.config_file(), sort_keys=False))
+        + yaml.safe_dump(config, sort_keys=False))
     plot(tuner.final, args.target, folder / "attainment.png")
     base = tuner.baseline()
     gain = (f" ({winner.per_gpu / base.per_gpu:.2f}x the defaults' {base.per_gpu:.3g})"
             if base is not None and base.per_gpu else "")
     lines += [f"winner: {winner.candidate.describe()}: {winner.per_gpu:.3g} req/s per GPU"
               f"{gain}",
-              "run it:  sloserve serve " + " ".join(winner.candidate.flags()),
+              "run it:  sloserve serve " + " ".join(winner.candidate.flags() + extra),
               f"     or:  sloserve serve --config {folder / 'tuned.yaml'}"]
     return "\n".join(lines)
 

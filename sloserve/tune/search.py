@@ -73,6 +73,12 @@ class Problem:
     target: float = 0.9
     seed: int = 0
 
+    def serve_flags(self) -> list[str]:
+        """What `sloserve serve` needs beside a candidate's flags to run as simulated: the
+        latency profile, which policies that price steps (slice) read."""
+        profile = self.hardware.latency_profile
+        return ["--latency-profile", profile] if profile else []
+
 
 def measure(problem: Problem, candidate: Candidate, k: int, length: RunLength) -> dict:
     """Simulate the candidate at ladder rate k; the summary of what it attained."""

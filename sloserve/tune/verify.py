@@ -29,7 +29,7 @@ def verify(finals: list[Evaluation], problem: Problem, args, folder: Path) -> st
     for e in finals:
         if e.capacity_k is None:
             continue
-        with served(e.candidate, args.model, folder) as url:
+        with served(e.candidate, args.model, folder, problem.serve_flags()) as url:
             for k in (e.capacity_k, e.capacity_k + HIGHER):
                 predicted = e.points.get(rate(k)) or measure(problem, e.candidate, k, SUSTAINED)
                 measured = measure_served(url, problem, k, args.verify_seconds)
@@ -48,13 +48,14 @@ def measure_served(url: str, problem: Problem, k: int, seconds: float) -> float:
 
 
 @contextlib.contextmanager
-def served(candidate: Candidate, model: str | None, folder: Path) -> Iterator[str]:
+def served(candidate: Candidate, model: str | None, folder: Path,
+           extra: list[str] = ()) -> Iterator[str]:
     """`sloserve serve` with the candidate's flags on a free port, until the block ends."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     argv = [sys.executable, "-m", "sloserve.cli", "serve", "--port", str(port),
-            *candidate.flags(), *(["--model", model] if model else [])]
+            *candidate.flags(), *extra, *(["--model", model] if model else [])]
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / f"serve-{port}.log", "w") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
