@@ -64,8 +64,11 @@ def main() -> None:
     winner, default = tuner.final[0], tuner.baseline()
     print(f"predicted: winner {winner.candidate.describe()} {winner.capacity:.3g} req/s, "
           f"defaults {default.capacity:.3g} req/s", flush=True)
-    measured = {}
+    measured: dict[str, dict] = {}
     for name, e in (("defaults", default), ("winner", winner)):
+        if name == "winner" and e.candidate == default.candidate:  # the same server again
+            measured[name] = dict(measured["defaults"])
+            continue
         cap, points = measured_capacity(e.candidate, problem, e.capacity_k, args.seconds,
                                         folder)
         measured[name] = {"candidate": e.candidate.describe(), "predicted_req_s": e.capacity,

@@ -101,7 +101,9 @@ def measure(problem: Problem, candidate: Candidate, k: int, length: RunLength) -
 def search_capacity(passes: Callable[[int], bool], start: int, prune: bool
                     ) -> tuple[int | None, int | None]:
     """(capacity k, pruned-below k) on the ladder, probing from `start`. With `prune`, a miss
-    at `start` ends the search there (the candidate is worse than the incumbent)."""
+    at `start` ends the search there (the candidate is worse than the incumbent), and a pass
+    climbs one rung at a time: a contender is rarely far above the incumbent, and a run far
+    past its capacity is the costliest to simulate."""
     if not passes(start):
         if prune:
             return None, start
@@ -119,7 +121,7 @@ def search_capacity(passes: Callable[[int], bool], start: int, prune: bool
             hi = min(HIGHEST, lo + step)
             if hi == lo or not passes(hi):
                 break
-            lo, step = hi, step * 2
+            lo, step = hi, step if prune else step * 2
         if hi == lo:
             return lo, None
     while hi - lo > 1:  # lo passes, hi misses

@@ -17,8 +17,8 @@ POLICY_KNOBS: dict[str, tuple[tuple[str, tuple[float, ...]], ...]] = {
     "delay": (("delay_factor", (0.5, 0.1, 2.0)),),
     "slice": (("ratio", (0.9, 0.75)), ("period_ms", (1000.0, 500.0))),
 }
-MAX_NUM_SEQS = (16, 64, 256)
-MAX_NUM_BATCHED_TOKENS = (512, 2048, 8192)
+MAX_NUM_SEQS = (16, 32, 64, 128, 256)
+MAX_NUM_BATCHED_TOKENS = (512, 1024, 2048, 8192)
 
 
 @dataclass(frozen=True, order=True)

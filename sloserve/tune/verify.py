@@ -11,11 +11,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from sloserve.bench.client import ClientConfig, run_requests
+from sloserve.bench.client import ClientConfig, run_requests, wait_until_healthy
 from sloserve.tune.search import SUSTAINED, Evaluation, Problem, measure, rate
 from sloserve.tune.space import Candidate
 from sloserve.workload import spec as workloads
@@ -61,7 +60,7 @@ def served(candidate: Candidate, model: str | None, folder: Path,
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         try:
             url = f"http://127.0.0.1:{port}"
-            _wait_healthy(url, proc)
+            wait_until_healthy(url, proc)
             yield url
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -70,18 +69,3 @@ def served(candidate: Candidate, model: str | None, folder: Path,
             except subprocess.TimeoutExpired:
                 proc.kill()
 
-
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 300.0) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"sloserve serve exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"sloserve serve did not come up within {timeout:g} s")

@@ -6,10 +6,11 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
+
+from sloserve.bench.client import wait_until_healthy
 
 API_KEY = "test-key"
 
@@ -30,17 +31,12 @@ class ServerProcess:
         self._wait_ready()
 
     def _wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited:\n{self.proc.stdout.read().decode()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError("server did not start")
+        try:
+            wait_until_healthy(self.url, self.proc, timeout)
+        except RuntimeError:
+            if self.proc.poll() is None:
+                raise
+            raise RuntimeError(f"server exited:\n{self.proc.stdout.read().decode()}") from None
 
     def metric(self, name: str) -> float:
         text = httpx.get(f"{self.url}/metrics").text
