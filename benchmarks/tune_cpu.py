@@ -5,7 +5,8 @@
    hardware), target 90% attainment, by simulation.
 3. Serve the defaults (`sloserve serve`, fcfs) and the winner for real and load each with the
    bench client at rates around its predicted capacity (--seconds of Poisson arrivals per
-   rate); the measured capacity is the highest rate whose attainment reaches the target.
+   rate, replies to their max_tokens as the simulator assumes); the measured capacity is the
+   highest rate whose attainment reaches the target.
 
 Writes benchmarks/results/tune_cpu.json with "ratios": {"tuned_over_default_capacity",
 "prediction_error" (|predicted - measured| / measured, for the winner)}.
@@ -40,7 +41,7 @@ def measured_capacity(candidate, problem: Problem, around: int, seconds: float,
             points[rate(k)] = measure_served(url, problem, k, seconds)
             print(f"  {candidate.describe()} at {rate(k):.3g} req/s: {points[rate(k)]:.1%}",
                   flush=True)
-            if points[rate(k)] < problem.target or k >= around + 3:
+            if points[rate(k)] < problem.target or k >= around + 4:
                 break
             k += 1
     passing = [r for r, a in points.items() if a >= problem.target]

@@ -38,11 +38,14 @@ def verify(finals: list[Evaluation], problem: Problem, args, folder: Path) -> st
 
 
 def measure_served(url: str, problem: Problem, k: int, seconds: float) -> float:
-    """SLO attainment of a real server under `seconds` of Poisson arrivals at rate k."""
+    """SLO attainment of a real server under `seconds` of Poisson arrivals at rate k. Replies
+    run to their max_tokens (EOS ignored), as the simulator assumes: it cannot know where a
+    model would stop."""
     r = rate(k)
     specs = workloads.build(problem.workload, max(10, math.ceil(r * seconds)), problem.seed,
                             rate=r)
-    records, duration = asyncio.run(run_requests(ClientConfig(url), specs))
+    client = ClientConfig(url, ignore_eos=True)
+    records, duration = asyncio.run(run_requests(client, specs))
     return summarize(records, duration)["slo_attainment"]
 
 
