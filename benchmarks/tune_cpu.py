@@ -32,18 +32,22 @@ from sloserve.workload import spec as workloads  # noqa: E402
 
 def measured_capacity(candidate, problem: Problem, around: int, seconds: float,
                       folder: Path) -> tuple[float, dict[float, float]]:
-    """Highest ladder rate (of those tried around `around`) whose attainment reaches the
-    target, walking up from below until one misses."""
+    """Highest ladder rate whose attainment reaches the target: from two rungs below the
+    prediction, up until a rung misses, or down until one passes (six rungs at most)."""
     points: dict[float, float] = {}
     with served(candidate, None, folder, problem.serve_flags()) as url:
-        k = around - 2
-        while True:
+        def attains(k: int) -> bool:
             points[rate(k)] = measure_served(url, problem, k, seconds)
             print(f"  {candidate.describe()} at {rate(k):.3g} req/s: {points[rate(k)]:.1%}",
                   flush=True)
-            if points[rate(k)] < problem.target or k >= around + 4:
+            return points[rate(k)] >= problem.target
+
+        k = around - 2
+        step = 1 if attains(k) else -1
+        for _ in range(6):
+            k += step
+            if attains(k) != (step == 1):  # up: the first miss; down: the first pass
                 break
-            k += 1
     passing = [r for r, a in points.items() if a >= problem.target]
     return max(passing, default=0.0), points
 
