@@ -7,7 +7,6 @@ import asyncio
 import time
 from pathlib import Path
 
-from sloserve.bench.client import ClientConfig, EndpointError, resolve_model, run_requests
 from sloserve.errors import UsageError
 from sloserve.workload import report
 from sloserve.workload.args import add_workload_args, build_requests, effective_rate, plan_rates
@@ -28,6 +27,9 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     from tqdm import tqdm
+
+    # here, not at the top: `sloserve --help` must work without the bench extra (httpx)
+    from sloserve.bench.client import ClientConfig, EndpointError, resolve_model, run_requests
 
     rates = plan_rates(args)
     build_requests(args, rates[0], with_text=False)  # a bad workload fails before any traffic
