@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sloserve.config import SchedulerConfig
@@ -30,7 +30,6 @@ class Candidate:
     mode: str = "colocated"  # colocated | disagg | tropical
     num_instances: int = 1
     partition_id: int = 1  # disagg / tropical: instances [0, partition_id) prefill
-    label: str = field(default="", compare=False)
 
     def scheduler(self) -> SchedulerConfig:
         return SchedulerConfig(max_num_seqs=self.max_num_seqs,
