@@ -11,8 +11,6 @@ from sloserve.errors import UsageError
 from sloserve.flags import add_dataclass_flags, add_engine_flags, engine_config
 from sloserve.request import SamplingParams
 
-CLIError = UsageError  # a bad argument: printed as one line, exit code 2
-
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from sloserve.llm import LLM
@@ -21,14 +19,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                                 top_p=args.top_p, seed=args.seed)
     except ValueError as e:
-        raise CLIError(str(e)) from None
+        raise UsageError(str(e)) from None
     config = engine_config(args)
     try:
         llm = LLM(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
         prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
         result = llm.generate(prompt, params)[0]
     except (ValueError, FileNotFoundError) as e:
-        raise CLIError(str(e)) from None
+        raise UsageError(str(e)) from None
     print(result.text)
 
 
@@ -48,11 +46,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
                               served_model_name=args.served_model_name, default_slo=slo)
         engine = cluster_engine(args) if args.mode else LLMEngine(engine_config(args))
     except (ValueError, FileNotFoundError) as e:
-        raise CLIError(str(e)) from None
+        raise UsageError(str(e)) from None
     try:
         serve(engine, config)
     except OSError as e:
-        raise CLIError(str(e)) from None
+        raise UsageError(str(e)) from None
     finally:
         engine.shutdown()  # tensor-parallel ranks, Ray actors
 
@@ -89,7 +87,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
         tokens = _int_list(args.prefill_tokens, "--prefill-tokens")
         engine = LLMEngine(engine_config(args))
     except (ValueError, FileNotFoundError) as e:
-        raise CLIError(str(e)) from None
+        raise UsageError(str(e)) from None
     model = profile(engine, batches, tokens, context=args.context)
     data = {"model": engine.model_name, "device": str(engine.runner.device),
             "machine": platform.machine(), **model.to_dict()}

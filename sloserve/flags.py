@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 from typing import Any
 
 from sloserve.config import EngineConfig, SchedulerConfig
-from sloserve.core.policies import policy_class, policy_names
+from sloserve.core.policies import policy_class, policy_names, prices_steps
 from sloserve.errors import UsageError
 
 _TYPES = {"int": int, "float": float, "str": str}
@@ -82,7 +81,7 @@ def _policy_options(args: argparse.Namespace, cls: type) -> dict[str, Any]:
         if not sep:
             raise UsageError(f"--policy-option takes KEY=VALUE, got {item!r}")
         options[key] = _number_or_text(value)
-    if args.latency_profile and "latency" in inspect.signature(cls).parameters:
+    if args.latency_profile and prices_steps(args.policy):
         options.setdefault("latency", args.latency_profile)
     return options
 

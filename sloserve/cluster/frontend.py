@@ -215,7 +215,7 @@ class ClusterEngine(RequestIntake):
         """Name the decode instance: it expects the request at once, and the pair's sends and
         receives are numbered in this order (kv_transfer/)."""
         request_id = handoff.request.request_id
-        target = self._pick_decode(handoff.request) if request_id in self.placement else None
+        target = self._pick_decode() if request_id in self.placement else None
         if target is None:
             source.actor.drop_kv.remote(request_id)  # the KV may wait there: let it go
             if self.placement.pop(request_id, None) is not None:
@@ -299,7 +299,7 @@ class ClusterEngine(RequestIntake):
         return self._instance(self.router.route_prompt(request.num_prompt_tokens,
                                                        self._loads()))
 
-    def _pick_decode(self, request: Request) -> Instance | None:
+    def _pick_decode(self) -> Instance | None:
         return self._instance(self.router.pick_decode(self._loads()))
 
     def shutdown(self) -> None:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
 from sloserve.config import MODES, EngineConfig, SchedulerConfig, roles, setting
 from sloserve.core.latency import GPUS, LatencyModel, ModelShape, RooflineModel
 from sloserve.core.plan import Plan
-from sloserve.core.policies import policy_class
+from sloserve.core.policies import prices_steps
 from sloserve.sim.cluster import Cluster, InstanceConfig, SimInstance
 from sloserve.workload.metrics import RequestRecord
 from sloserve.workload.spec import RequestSpec
@@ -103,8 +102,7 @@ def simulate(d: Deployment, specs: list[RequestSpec], on_plan=None,
 def with_policy_latency(scheduler: SchedulerConfig, latency) -> SchedulerConfig:
     """A policy that prices steps (slice) prices them with the simulated hardware's model,
     unless told otherwise: the steps it plans are the ones the simulator charges."""
-    if "latency" in scheduler.policy_options or \
-            "latency" not in inspect.signature(policy_class(scheduler.policy)).parameters:
+    if "latency" in scheduler.policy_options or not prices_steps(scheduler.policy):
         return scheduler
     return dataclasses.replace(scheduler,
                                policy_options={**scheduler.policy_options, "latency": latency})

@@ -12,7 +12,15 @@ from pathlib import Path
 from sloserve.core.policies import policy_names
 from sloserve.errors import UsageError
 from sloserve.sim.run import Deployment, latency_model
-from sloserve.tune.search import SCREEN, SUSTAINED, Evaluation, Problem, RunLength, Tuner
+from sloserve.tune.search import (
+    SCREEN,
+    SUSTAINED,
+    Evaluation,
+    Problem,
+    RunLength,
+    Tuner,
+    rate,
+)
 from sloserve.tune.space import coarse_grid
 from sloserve.workload import spec as workloads
 
@@ -160,7 +168,7 @@ def row(e: Evaluation) -> dict:
     at = e.at_capacity or {}
     return {"candidate": e.candidate.describe(), "sustained": e.sustained,
             "capacity_req_s": e.capacity, "capacity_per_gpu": round(e.per_gpu, 4),
-            "below_req_s": None if e.below_k is None else round(1.1 ** e.below_k, 4),
+            "below_req_s": None if e.below_k is None else rate(e.below_k),
             "ttft_p90_ms": at.get("ttft_p90_ms"), "tpot_p90_ms": at.get("tpot_p90_ms"),
             "config": e.candidate.config_file(), "points": e.points}
 
@@ -171,7 +179,7 @@ def table(ranked: list[Evaluation], target: float) -> str:
     lines = [head]
     for i, e in enumerate(ranked, 1):
         at = e.at_capacity or {}
-        cap = (f"< {1.1 ** e.below_k / e.candidate.num_instances:.3g}" if e.below_k is not None
+        cap = (f"< {rate(e.below_k) / e.candidate.num_instances:.3g}" if e.below_k is not None
                else f"{e.per_gpu:.3g}") + ("" if e.sustained else "*")
         lines.append(f"{i:3d} {e.candidate.describe():58s} {cap:>12} "
                      f"{_ms(at.get('ttft_p90_ms')):>9} {_ms(at.get('tpot_p90_ms')):>9}")

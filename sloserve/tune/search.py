@@ -7,6 +7,7 @@ candidates run in fixed batches whose outcome does not depend on which worker fi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import multiprocessing
@@ -167,7 +168,9 @@ class Tuner:
         grid = list(space) if space is not None else coarse_grid(num_gpus=num_gpus)
         if space is None or self.default in grid:  # first: the rest is measured against them
             grid = [self.default, *(c for c in grid if c != self.default)]
-        with multiprocessing.get_context("fork").Pool(self.workers) as pool:
+        pool = multiprocessing.get_context("fork").Pool(self.workers) if self.workers > 1 \
+            else contextlib.nullcontext()
+        with pool:
             self._pool = pool
             try:
                 self._batch([grid[0]], prune=False, starts=[0])
@@ -180,8 +183,8 @@ class Tuner:
                     if self._best() == best:
                         break
                 self._finals(grid[0])
-            except KeyboardInterrupt:
-                pool.terminate()
+            except KeyboardInterrupt:  # report what was found (the pool's exit stops it)
+                pass
         return self.ranked()
 
     def _best(self) -> int | None:

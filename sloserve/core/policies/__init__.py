@@ -7,7 +7,9 @@ from sloserve.core.policies.base import (
     make_policy,
     policy_class,
     policy_names,
+    prices_steps,
     register,
 )
 
-__all__ = ["Policy", "SchedulerView", "make_policy", "policy_class", "policy_names", "register"]
+__all__ = ["Policy", "SchedulerView", "make_policy", "policy_class", "policy_names",
+           "prices_steps", "register"]

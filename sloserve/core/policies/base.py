@@ -7,6 +7,7 @@ and in what order, when to admit, how big a prefill chunk is and whom to preempt
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar, Protocol
 
@@ -44,6 +45,12 @@ def policy_class(name: str) -> type[Policy]:
     if name not in _REGISTRY:
         raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(policy_names())}")
     return _REGISTRY[name]
+
+
+def prices_steps(name: str) -> bool:
+    """Whether the policy takes a step-latency model (`latency`): it should get the one of
+    the hardware it schedules for."""
+    return "latency" in inspect.signature(policy_class(name)).parameters
 
 
 def make_policy(name: str, **options: Any) -> Policy:
