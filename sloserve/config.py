@@ -33,12 +33,18 @@ class SchedulerConfig:
               "in the simulator: no limit)")
     policy: str = setting("fcfs", "scheduling policy (see Policies in the README)")
     policy_options: Mapping[str, Any] = setting({}, "the policy's own knobs", cli=False)
+    slo_on_miss: str = setting("reject", "a request whose objective admission control finds "
+                                         "out of reach (slice, edf): reject (HTTP 503) or "
+                                         "best_effort; a request's slo.on_miss overrides it",
+                               choices=("reject", "best_effort"))
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
         if self.max_model_len is not None and self.max_model_len <= 1:
             raise ValueError("max_model_len must be at least 2")
+        if self.slo_on_miss not in ("reject", "best_effort"):
+            raise ValueError("slo_on_miss must be reject or best_effort")
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,9 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+ON_MISS = (None, "reject", "best_effort")
+
+
 @dataclass(frozen=True)
 class SLO:
     """A request's latency objectives; None means the request carries no such objective."""
@@ -60,12 +63,18 @@ class SLO:
     deadline_ms: float | None = None  # end-to-end, from arrival
     realtime: bool = False
     utility: float | None = None  # None: the policy's default for the request's class
+    # When admission control finds the objective out of reach: "reject" (HTTP 503 at once)
+    # or "best_effort" (served after all on-time work). None: the policy's default.
+    on_miss: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("ttft_ms", "tpot_ms", "deadline_ms", "utility"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"slo.{name} must be a positive number, got {value!r}")
+        if self.on_miss not in ON_MISS:
+            raise ValueError(f"slo.on_miss must be one of {', '.join(map(str, ON_MISS))}, "
+                             f"got {self.on_miss!r}")
 
     @property
     def slo_class(self) -> str:
@@ -98,6 +107,7 @@ class RequestStatus(enum.IntEnum):
     FINISHED_LENGTH = 5
     FINISHED_ABORTED = 6
     FINISHED_ERROR = 7
+    FINISHED_REJECTED = 8  # admission control: its objective was out of reach
 
     @property
     def finished(self) -> bool:
@@ -113,6 +123,7 @@ _FINISH_REASONS = {
     RequestStatus.FINISHED_LENGTH: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
     RequestStatus.FINISHED_ERROR: "error",
+    RequestStatus.FINISHED_REJECTED: "rejected",
 }
 
 
@@ -140,6 +151,9 @@ class Request:
     last_token_time: float | None = None
     finish_time: float | None = None
     kv_transfer_time: float | None = None  # disaggregated: prefill's KV export to import
+    # Admission control: why it was rejected, or that it now runs only on spare capacity.
+    reject_reason: str | None = None
+    best_effort: bool = False
 
     def handoff_copy(self) -> Request:
         """A prefilled request as a decode instance takes it over: tokens, timings and how

@@ -31,6 +31,8 @@ class Plan:
     # Requests whose KV came from another instance and got blocks in this step: the runner
     # writes that KV into their blocks before it computes the step.
     imported: list[Request] = field(default_factory=list)
+    # Requests admission control turned away since the last step (already finished).
+    rejected: list[Request] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:

@@ -31,6 +31,7 @@ class Scheduler:
         self.remote: dict[str, Request] = {}
         self.arrived: list[Request] = []
         self._by_id: dict[str, Request] = {}
+        self.rejected: list[Request] = []  # by admission control, not yet in a Plan
         self.version = 0  # bumped whenever a request arrives or finishes
 
     # ---- intake ------------------------------------------------------------------------
@@ -53,6 +54,10 @@ class Scheduler:
         self._enqueue(request)
         self.version += 1
         self._by_id[request.request_id] = request
+        self.policy.on_arrival(request)
+        reason = self.policy.rejection(self, request, request.arrival_time)
+        if reason is not None:
+            self._out_of_reach(request, reason, request.arrival_time)
 
     def add_remote(self, request: Request) -> None:
         """Expect a request whose first num_computed_tokens tokens were computed on another
@@ -66,6 +71,7 @@ class Scheduler:
         self.remote[request.request_id] = request
         self._by_id[request.request_id] = request
         self.version += 1
+        self.policy.on_arrival(request)
 
     def kv_arrived(self, request_id: str) -> bool:
         """The KV of a remote request is here (False: no such request, e.g. aborted)."""
@@ -111,10 +117,28 @@ class Scheduler:
         request.finish_time = now
         del self._by_id[request.request_id]
         self.version += 1
+        self.policy.on_finished(request)
+
+    def _out_of_reach(self, request: Request, reason: str, now: float) -> None:
+        """Admission control's verdict on a queued request: rejected (the server answers
+        503 at once) unless its SLO asks to be served best effort."""
+        on_miss = request.slo.on_miss or self.config.slo_on_miss
+        if on_miss == "best_effort":
+            if not request.best_effort:  # the policy re-files it in its best-effort class
+                self.policy.on_finished(request)
+                request.best_effort = True
+                self.policy.on_arrival(request)
+            return
+        request.reject_reason = reason
+        self.finish(request, RequestStatus.FINISHED_REJECTED, now)
+        self.rejected.append(request)
 
     # ---- one step ----------------------------------------------------------------------
     def schedule(self, now: float) -> Plan:
         plan = Plan(now=now)
+        for request, reason in list(self.policy.expired(self, now)):
+            self._out_of_reach(request, reason, now)
+        plan.rejected, self.rejected = self.rejected, []
         self.policy.prepare(self, now)
         if self.arrived:
             self._admit_arrived(plan, now)
@@ -180,10 +204,8 @@ class Scheduler:
 
     def _admit_arrived(self, plan: Plan, now: float) -> None:
         """Remote requests whose KV is here get blocks for their computed tokens and run
-        (decoding in this very step): in the policy's admission order, then any it left out,
-        while seats and blocks last."""
-        ordered = list(self.policy.admission_order(self.arrived, (), now))
-        ordered += [r for r in self.arrived if r not in ordered]
+        (decoding in this very step): in the policy's order, while seats and blocks last."""
+        ordered = list(self.policy.import_order(self.arrived, now))
         for request in ordered:
             if len(self.running) >= self.config.max_num_seqs:
                 return
@@ -214,6 +236,7 @@ class Scheduler:
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self.preempted.append(request)
+        self.policy.on_requeued(request)
 
     def update(self, plan: Plan, sampled: Mapping[str, int], now: float) -> list[Request]:
         """Apply a step's results; returns the requests that got a token or finished."""
@@ -253,11 +276,13 @@ class Scheduler:
 
     # ---- figures -----------------------------------------------------------------------
     def has_unfinished(self) -> bool:
-        return bool(self._by_id)
+        """Rejected requests count until a Plan has carried them out."""
+        return bool(self._by_id or self.rejected)
 
     def has_runnable(self) -> bool:
         """Whether a step could do anything (remote requests without their KV cannot)."""
-        return bool(self.waiting or self.preempted or self.running or self.arrived)
+        return bool(self.waiting or self.preempted or self.running or self.arrived
+                    or self.rejected)
 
     def unfinished_ids(self) -> list[str]:
         return list(self._by_id)

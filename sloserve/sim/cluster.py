@@ -81,8 +81,9 @@ class SimInstance:
                 return []
         plan = self.scheduler.schedule(self.clock)
         if plan.is_empty:  # the policy is holding work back (delay): let time pass
-            self.clock = min(next_arrival, self.clock + IDLE_TICK_S)
-            return []
+            if not plan.rejected:
+                self.clock = min(next_arrival, self.clock + IDLE_TICK_S)
+            return plan.rejected
         if self.on_plan:
             self.on_plan(plan)
         step_time = self.latency.step_time(plan)
@@ -90,7 +91,7 @@ class SimInstance:
         self.last_step_time = step_time
         self.scheduler.policy.observe(plan, step_time)
         sampled = {c.request.request_id: SAMPLED_TOKEN for c in plan.chunks if c.sample}
-        return self.scheduler.update(plan, sampled, self.clock)
+        return plan.rejected + self.scheduler.update(plan, sampled, self.clock)
 
 
 def make_request(spec: RequestSpec, max_model_len: int | None) -> Request:
@@ -197,6 +198,9 @@ class Cluster:
 
 
 def _record(request: Request, record: RequestRecord) -> RequestRecord:
+    if request.reject_reason is not None:  # as the server's 503 reads in a bench record
+        record.error = f"rejected: {request.reject_reason}"
+        return record
     record.output_tokens = request.num_output_tokens
     s = 1e3
     record.ttft_ms = (request.first_token_time - request.arrival_time) * s

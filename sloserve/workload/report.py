@@ -26,7 +26,7 @@ class Run:
     meta: dict
 
     def records(self, rate: float) -> list[RequestRecord]:
-        return read_csv(self.folder / f"rate-{rate:g}" / "requests.csv")
+        return read_csv(self.folder / f"rate-{rate:.10g}" / "requests.csv")
 
     @property
     def max_rate_meeting_target(self) -> float | None:
@@ -35,7 +35,7 @@ class Run:
 
 
 def save_rate(folder: Path, rate: float, records: list[RequestRecord], duration: float) -> dict:
-    sub = folder / f"rate-{rate:g}"
+    sub = folder / f"rate-{rate:.10g}"
     sub.mkdir(parents=True, exist_ok=True)
     write_csv(records, sub / "requests.csv")
     return summarize(records, duration)
@@ -47,7 +47,7 @@ def save_run(folder: Path, label: str, summaries: dict[float, dict], target: flo
     body = {"label": label, "target_attainment": target,
             "max_rate_meeting_target": run.max_rate_meeting_target,
             "machine": f"{platform.node()} ({platform.machine()})", **meta,
-            "rates": {f"{r:g}": s for r, s in sorted(summaries.items())}}
+            "rates": {f"{r:.10g}": s for r, s in sorted(summaries.items())}}
     (folder / "summary.json").write_text(json.dumps(body, indent=2) + "\n")
     plot([run], folder)
     return run

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from sloserve.core.latency import LatencyModel
 from sloserve.core.policies import make_policy
-from sloserve.core.policies.slice import SlicePolicy, cycle_time
+from sloserve.core.policies.slice import SlicePolicy
 from sloserve.request import SLO, RequestStatus
 from tests.core.factories import make_request, make_scheduler, run_step
 
@@ -81,22 +83,58 @@ def linear_latency(base: float = 0.01, per_request: float = 0.01, n: int = 64) -
     return LatencyModel(batches, tuple(base + per_request * b for b in batches), (1,), (0.01,))
 
 
-def test_slice_selects_realtime_first_and_rejects_an_infeasible_set():
-    # Each task needs 10 tokens/s; l(b) = 0.01 + 0.01 b, so b tasks keep the decoder busy
-    # 10 x l(b) of each second: 0.2, 0.3, 0.4 ... With ratio 0.35 only two fit.
-    policy = SlicePolicy(ratio=0.35, latency=linear_latency())
-    slo = SLO(tpot_ms=100)
-    tasks = [make_request(f"n{i}", 4, arrival=i, slo=slo) for i in range(3)]
-    realtime = make_request("rt", 4, arrival=9.0, slo=SLO(tpot_ms=100, realtime=True))
-    selected = policy.select([*tasks, realtime])
-    assert [r.request_id for r in selected] == ["rt", "n0"]
-    rates = [policy.rate(r) for r in selected]
-    assert cycle_time(rates, policy.latency) <= 0.35 < cycle_time(rates + [10.0], policy.latency)
+def test_slice_serves_the_set_of_highest_utility_not_the_greedy_one():
+    # One 25 ms task (40 tok/s) worth 30 or twelve 250 ms tasks (4 tok/s) worth 10 each:
+    # l(b) = 0.01 + 0.01 b, so the fast one alone keeps the decoder busy 0.8 s of each
+    # second and no slow one fits beside it; the twelve together take 0.52 s. Greedy by
+    # utility x rate took the fast one (30); the optimum is the twelve (120).
+    scheduler = make_scheduler(policy="slice", policy_options={
+        "latency": linear_latency(), "admission_control": False})
+    scheduler.add(make_request("fast", 4, slo=SLO(tpot_ms=25, utility=30)))
+    for i in range(12):
+        scheduler.add(make_request(f"slow{i}", 4, slo=SLO(tpot_ms=250, utility=10)))
+    run_step(scheduler, 0.0)
+    assert scheduler.policy.quota == {(40.0, 30.0, math.inf): 0, (4.0, 10.0, math.inf): 12}
+    assert scheduler.get("fast").status == RequestStatus.WAITING
+
+
+@pytest.mark.parametrize("realtime_utility, served_realtime", [(1, 0), (10, 3), (100, 3)])
+def test_slice_realtime_utility_decides_between_realtime_and_background(
+        realtime_utility, served_realtime):
+    # Three real-time tasks at 20 tok/s and twenty background ones at 4 tok/s cannot all
+    # be decoded at their rates (l(b) = 0.01 + 0.01 b, ratio 0.9): all 20 background ones fit
+    # (worth 20), or 3 real-time + 2 background (3u + 2). At u = 1 the background set wins;
+    # at the seed's 10-100x the real-time tasks do.
+    policy = SlicePolicy(realtime_utility=realtime_utility, latency=linear_latency(),
+                         admission_control=False)
+    for i in range(3):
+        policy.on_arrival(make_request(f"rt{i}", 4, slo=SLO(tpot_ms=50, realtime=True)))
+    for i in range(20):
+        policy.on_arrival(make_request(f"bg{i}", 4, slo=SLO(tpot_ms=250)))
+    quota = policy.solve(limit=64)
+    assert quota[(20.0, float(realtime_utility), math.inf)] == served_realtime
+
+
+def test_slice_never_selects_a_task_the_cycle_cannot_hold_and_still_tries_the_rest():
+    # l(1) = 55 ms: a 25 ms task would need 2.2 s of decoding per second. Of forty real-time
+    # tasks at 10 tok/s, four fit (10 x l(4) = 0.85 s); five background tasks at 1 tok/s
+    # fill what they leave (0.01 s each).
+    latency = linear_latency(0.045, 0.01)
+    policy = SlicePolicy(latency=latency, admission_control=False)
+    policy.on_arrival(make_request("impossible", 4, slo=SLO(tpot_ms=25, realtime=True)))
+    for i in range(40):
+        policy.on_arrival(make_request(f"rt{i}", 4, slo=SLO(tpot_ms=100, realtime=True)))
+    for i in range(10):
+        policy.on_arrival(make_request(f"bg{i}", 4, slo=SLO(tpot_ms=1000)))
+    quota = policy.solve(limit=64)
+    assert quota[(40.0, 10.0, math.inf)] == 0
+    assert quota[(10.0, 10.0, math.inf)] == 4 and quota[(1.0, 1.0, math.inf)] == 5
 
 
 def test_slice_decodes_a_50ms_task_twice_as_often_as_a_100ms_one():
     # l(1) = 30 ms, l(2) = 55 ms: the pair is feasible at these rates (0.85 s of decoding per
-    # second), but the slow task never fits into the fast one's columns for free.
+    # second), but the slow task never fits into the fast one's columns for free. The mask
+    # carries each rate plus the 2% pacing margin: 21 and 11 tokens per 1 s cycle.
     scheduler = make_scheduler(policy="slice", policy_options={
         "latency": linear_latency(0.005, 0.025), "period_ms": 1000.0})
     fast = make_request("fast", 4, max_tokens=500, slo=SLO(tpot_ms=50, realtime=True))
@@ -104,13 +142,13 @@ def test_slice_decodes_a_50ms_task_twice_as_often_as_a_100ms_one():
     scheduler.add(fast)
     scheduler.add(slow)
     run_step(scheduler, 0.0)  # both prefills
-    policy = scheduler.policy
-    assert policy.num_columns == 20 and len(policy.rows["slow"]) == 10
+    mask = scheduler.policy.mask
     counts = {"fast": 0, "slow": 0}
-    for step in range(policy.num_columns):  # exactly one cycle
-        for c in run_step(scheduler, 1.0 + step).chunks:
+    for step in range(21):  # exactly one cycle of 47.6 ms steps; the first makes the mask
+        for c in run_step(scheduler, (step + 1) / 21).chunks:
             counts[c.request.request_id] += 1
-    assert counts == {"fast": 20, "slow": 10}
+        assert mask.num_columns == 21 and len(mask.rows["slow"]) == 11
+    assert counts == {"fast": 21, "slow": 11}
 
 
 def test_slice_fills_spare_room_in_a_step_with_unmarked_tasks():

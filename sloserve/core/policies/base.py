@@ -74,6 +74,28 @@ class Policy:
     steady_decode: ClassVar[bool] = False
     cli_options: ClassVar[dict[str, tuple[str, type, str]]] = {}  # flag -> (arg, type, help)
 
+    # ---- bookkeeping: policies that keep their own indexes of the queues ------------------
+    def on_arrival(self, request: Request) -> None:
+        """A request joined the scheduler (waiting, or expecting remote KV)."""
+
+    def on_requeued(self, request: Request) -> None:
+        """A running request was preempted back into the queue."""
+
+    def on_finished(self, request: Request) -> None:
+        """A request left the scheduler (finished, aborted or rejected)."""
+
+    # ---- admission control ---------------------------------------------------------------
+    def rejection(self, scheduler: SchedulerView, request: Request, now: float) -> str | None:
+        """Why a request that just arrived cannot meet its objective (it is then rejected or
+        demoted to best effort, as its SLO says); None admits it to the queue."""
+        return None
+
+    def expired(self, scheduler: SchedulerView, now: float) -> Iterable[tuple[Request, str]]:
+        """Queued requests whose objective went out of reach while they waited, each with
+        the reason; the scheduler rejects or demotes them."""
+        return ()
+
+    # ---- each step -------------------------------------------------------------------------
     def prepare(self, scheduler: SchedulerView, now: float) -> None:
         """Called at the start of every schedule(), for policies that plan per step."""
 
@@ -91,6 +113,11 @@ class Policy:
         """Candidates for admission, in order; admission stops at the first that won't fit."""
         yield from preempted
         yield from waiting
+
+    def import_order(self, arrived: Sequence[Request], now: float) -> Iterable[Request]:
+        """Requests prefilled elsewhere whose KV has arrived, in the order to take them in
+        (each must come out exactly once)."""
+        return arrived
 
     def chunk_size(self, request: Request, num_pending: int, budget: int, step_budget: int) -> int:
         """Tokens of `request` to compute this step (0 skips it), with `budget` tokens left of

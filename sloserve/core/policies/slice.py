@@ -1,59 +1,104 @@
-"""SLICE: utility-driven task selection plus per-task decode-rate control by a token mask.
+"""SLICE: utility-maximising task selection plus per-task decode-rate control by a token mask.
 
-Stage 1 picks the tasks to serve: in order of utility rate r = utility x required decode rate,
-a task joins while the decode cycle stays feasible under the step-latency model l(b). With the
-selected rates sorted descending v_1 >= ... >= v_b, decoding every task at its rate for one
-second takes v_b l(b) + sum_j (v_j - v_{j+1}) l(j) = sum_j v_j (l(j) - l(j-1)) seconds, which
-must fit `ratio` of that second (the rest is left for prefills).
+Stage 1 (selection.py) picks how many tasks of each type (rate, utility) to serve so that
+total utility is highest while decoding each at its rate fits `ratio` of every second under
+the step-latency model l(b) (the rest is left for prefills), within the seats. It is re-solved
+whenever a task arrives or finishes; tasks of a type are taken running first, then in arrival
+order, so a re-plan never churns the running set for nothing.
 
 Stage 2 controls each task's rate with a token mask: rows are the selected tasks, columns the
 decode steps of one cycle of `period_ms`; a task that needs k tokens per cycle has k ones
-spread evenly over the columns. Each step scans the next column and decodes exactly the rows
-marked there, so fast tasks decode often and slow ones leave batch slots free. Selection and
-mask are rebuilt whenever a task arrives or finishes.
+spread evenly over the columns, each row at the offset that keeps the columns' loads even.
+Each step scans the next column and decodes the rows marked there. The mask survives
+arrivals and finishes (rows are added to and removed from the current cycle); its width is
+re-derived only when a cycle ends.
+
+Two guards keep the objectives: a task about to fall behind its pace decodes whatever the
+mask says (its pace is its TPOT shortened by a safety margin learned from the latency
+model's errors, pacing.py), and prompts get room in every step, chunked to fit within the
+pace of the tightest task decoding in it, so a late decode never starves a newcomer's TTFT.
+Requests that cannot meet their objectives are rejected at once (admission.py).
 """
 
 from __future__ import annotations
 
-import bisect
 import functools
 import math
 from collections.abc import Iterable, Sequence
 
 from sloserve.core.latency import LatencyModel
 from sloserve.core.plan import Plan
+from sloserve.core.policies.admission import AdmissionControl
 from sloserve.core.policies.base import Policy, SchedulerView, register
-from sloserve.core.policies.edf import next_deadline
-from sloserve.request import Request
+from sloserve.core.policies.pacing import CalibratedSteps
+from sloserve.core.policies.selection import TaskType, choose
+from sloserve.request import Request, RequestStatus
 
-MAX_MISSES = 32
-
-
-def cycle_time(rates: Sequence[float], latency: LatencyModel) -> float:
-    """Seconds of decoding per second of wall time for tasks at `rates` (tokens/s)."""
-    return _busy(sorted(rates, reverse=True),
-                 [latency.decode_time(b) for b in range(len(rates) + 1)])
+TypeKey = tuple[float, float, float]  # (rate, utility, TTFT objective in ms)
 
 
-def _busy(rates_descending: Sequence[float], steps: Sequence[float]) -> float:
-    """sum_j v_j (l(j) - l(j-1)), with steps[b] = l(b)."""
-    return sum(v * (steps[b] - steps[b - 1]) for b, v in enumerate(rates_descending, start=1))
+@functools.lru_cache(maxsize=4096)
+def mask_columns(tokens_per_cycle: int, num_columns: int, offset: int = 0) -> frozenset[int]:
+    """k ones spread evenly over the columns of one cycle, shifted by `offset`."""
+    return frozenset((i * num_columns // tokens_per_cycle + offset) % num_columns
+                     for i in range(tokens_per_cycle))
 
 
-def _insertion_cost(rates_descending: Sequence[float], steps: Sequence[float], at: int,
-                    rate: float) -> float:
-    """What _busy grows by when `rate` is inserted at index `at`: its own term, plus one batch
-    size more for every rate after it. O(len - at): selections insert near the end."""
-    cost = rate * (steps[at + 1] - steps[at])
-    for i in range(at, len(rates_descending)):
-        cost += rates_descending[i] * (steps[i + 2] - 2 * steps[i + 1] + steps[i])
-    return cost
+class TokenMask:
+    """Rows (task -> the columns it decodes in) over `num_columns` decode steps."""
 
+    def __init__(self) -> None:
+        self.num_columns = 1
+        self.column = 0
+        self.rows: dict[str, frozenset[int]] = {}
+        self.per_cycle: dict[str, int] = {}  # task -> tokens it needs per cycle
+        self.loads = [0]  # rows marked in each column
 
-@functools.lru_cache(maxsize=4096)  # re-planned on every arrival: the same rows recur
-def mask_columns(tokens_per_cycle: int, num_columns: int) -> frozenset[int]:
-    """k ones spread evenly over the columns of one cycle."""
-    return frozenset(i * num_columns // tokens_per_cycle for i in range(tokens_per_cycle))
+    def on(self, request_id: str) -> bool:
+        return self.column in self.rows.get(request_id, ())
+
+    def sync(self, needs: dict[str, int]) -> None:
+        """Make the rows those of `needs` (task -> tokens per cycle): finished or deselected
+        tasks leave, new ones join the current cycle at the least loaded offset."""
+        for rid in [rid for rid in self.rows if rid not in needs]:
+            self._remove(rid)
+        was_empty = not self.rows
+        for rid, k in needs.items():
+            if rid not in self.rows:
+                self.per_cycle[rid] = k
+                self._place(rid, k)
+        if was_empty and self.rows:  # nothing to merge into: start a cycle of their width
+            self.column = 0
+            self._rebuild()
+
+    def advance(self) -> None:
+        """The next column; at the end of a cycle, re-derive the width from the rows."""
+        self.column += 1
+        if self.column >= self.num_columns:
+            self.column = 0
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        self.num_columns = max(self.per_cycle.values(), default=1)
+        self.loads = [0] * self.num_columns
+        self.rows = {}
+        for rid, k in sorted(self.per_cycle.items(), key=lambda kv: -kv[1]):
+            self._place(rid, k)
+
+    def _place(self, rid: str, k: int) -> None:
+        k = min(k, self.num_columns)
+        stride = max(1, self.num_columns // k)
+        best = min(range(stride), key=lambda off: max(
+            self.loads[c] for c in mask_columns(k, self.num_columns, off)))
+        row = mask_columns(k, self.num_columns, best)
+        for c in row:
+            self.loads[c] += 1
+        self.rows[rid] = row
+
+    def _remove(self, rid: str) -> None:
+        for c in self.rows.pop(rid):
+            self.loads[c] -= 1
+        del self.per_cycle[rid]
 
 
 @register("slice")
@@ -64,11 +109,15 @@ class SlicePolicy(Policy):
         "slice-ratio": ("ratio", float, "share of each cycle for decoding (the rest: prefills)"),
         "realtime-utility": ("realtime_utility", float, "utility of a real-time task "
                                                         "(others: 1)"),
+        "pacing-quantile": ("margin_quantile", float, "pace with a margin of this quantile "
+                                                      "of the latency model's recent errors"),
     }
+
     def __init__(self, realtime_utility: float = 10.0, utility: float = 1.0,
                  period_ms: float = 1000.0, ratio: float = 0.9,
                  best_effort_tpot_ms: float = 250.0,
-                 latency: LatencyModel | str | None = None, work_conserving: bool = True):
+                 latency: LatencyModel | str | None = None, work_conserving: bool = True,
+                 margin_quantile: float = 0.9, admission_control: bool = True):
         if not 0 < ratio <= 1 or period_ms <= 0 or best_effort_tpot_ms <= 0:
             raise ValueError("slice needs 0 < ratio <= 1, period_ms > 0, best_effort_tpot_ms > 0")
         if realtime_utility <= 0 or utility <= 0:
@@ -77,117 +126,149 @@ class SlicePolicy(Policy):
         self.period_s, self.ratio = period_ms / 1e3, ratio
         self.best_effort_tpot_ms = best_effort_tpot_ms
         self.work_conserving = work_conserving  # spare room in a step goes to unmarked tasks
-        if latency is None:
-            latency = LatencyModel.default()
-        elif isinstance(latency, str):
-            latency = LatencyModel.from_file(latency)
-        self.latency = latency
-        self.speed = 1.0  # measured / predicted step time, learnt online (EWMA)
+        self.steps = CalibratedSteps(latency, margin_quantile)
+        self.margin = self.steps.margin
+        self.admission = AdmissionControl(
+            self.utility_of, self.steps.prefill_time, lambda: self.steps.decode_time(1),
+            lambda: self.margin.value) if admission_control else None
         self._profile_steps: list[float] = []  # latency.decode_time(b) at index b
-        self._version = -1  # the scheduler's version the selection was made for
-        self.selected: list[Request] = []  # by utility rate, highest first
-        self.rows: dict[str, frozenset[int]] = {}  # the mask: request id -> its columns
-        self.num_columns = 1
-        self.column = 0
+        self._types: dict[TypeKey, dict[str, Request]] = {}  # unfinished, arrival order
+        self._version = -1  # the scheduler's version the quotas were solved for
+        self.quota: dict[TypeKey, int] = {}  # stage 1's answer: tasks to serve per type
+        self.selected: list[Request] = []  # running tasks within their type's quota
+        self._admit_quota: dict[TypeKey, int] = {}  # quota left for queued tasks
+        self.mask = TokenMask()
         self._prefill_room = 1 << 30  # prefill tokens left in this step
 
+    # ---- the step model ---------------------------------------------------------------------
     def decode_time(self, batch: int) -> float:
         """l(b) from the profile, corrected by how fast steps have really been running."""
-        return self.latency.decode_time(batch) * self.speed
+        return self.steps.decode_time(batch)
 
     def observe(self, plan: Plan, step_time: float) -> None:
-        predicted = self.latency.step_time(plan)
-        if predicted > 0:
-            self.speed += 0.1 * (step_time / predicted - self.speed)
+        self.steps.observe(plan, step_time)
 
-    # ---- stage 1: task selection -------------------------------------------------------
+    # ---- tasks ------------------------------------------------------------------------------
     def rate(self, request: Request) -> float:
         """Required decode rate in tokens per second, from the TPOT objective."""
         tpot_ms = request.slo.tpot_ms or self.best_effort_tpot_ms
         return 1e3 / tpot_ms
 
     def utility_of(self, request: Request) -> float:
+        if request.best_effort:
+            return 0.0  # served from spare capacity only
         if request.slo.utility is not None:
             return request.slo.utility
         return self.realtime_utility if request.slo.realtime else self.utility
 
-    def utility_rate(self, request: Request) -> float:
-        return self.utility_of(request) * self.rate(request)
+    def _key(self, request: Request) -> TypeKey:
+        return self.rate(request), self.utility_of(request), request.slo.ttft_ms or math.inf
 
-    def select(self, candidates: Sequence[Request], limit: int = 256) -> list[Request]:
-        """Greedy by utility rate, at most `limit` tasks; after MAX_MISSES candidates in a
-        row do not fit, the rest (lower utility rates) are not tried."""
-        ordered = sorted(candidates, key=lambda r: (-self.utility_rate(r), not r.slo.realtime,
-                                                    r.arrival_time))
-        steps = self._steps(min(len(ordered), limit) + 1)
-        chosen: list[Request] = []
-        rates: list[float] = []  # descending
-        busy, misses = 0.0, 0
-        for request in ordered:
-            if len(chosen) == limit or misses == MAX_MISSES:
-                break
-            rate = self.rate(request)
-            at = bisect.bisect_right(rates, -rate, key=lambda v: -v)  # after equal rates
-            trial = busy + _insertion_cost(rates, steps, at, rate)
-            if trial <= self.ratio or not chosen:
-                chosen.append(request)
-                rates.insert(at, rate)
-                busy, misses = trial, 0
-            else:
-                misses += 1
-        return chosen
+    def on_arrival(self, request: Request) -> None:
+        self._types.setdefault(self._key(request), {})[request.request_id] = request
+
+    def on_finished(self, request: Request) -> None:
+        tasks = self._types.get(self._key(request))
+        if tasks is not None:
+            tasks.pop(request.request_id, None)
+
+    def rejection(self, scheduler: SchedulerView, request: Request, now: float) -> str | None:
+        return None if self.admission is None else self.admission.rejection(request, now)
+
+    def expired(self, scheduler: SchedulerView, now: float) -> Iterable[tuple[Request, str]]:
+        return () if self.admission is None else self.admission.expired(now)
+
+    # ---- stage 1: selection -----------------------------------------------------------------
+    def solve(self, limit: int) -> dict[TypeKey, int]:
+        keys = [k for k, tasks in self._types.items() if tasks]
+        types = [TaskType(rate, utility, len(self._types[key]), ttft)
+                 for key in keys for rate, utility, ttft in [key]]
+        counts = choose(types, self._steps(limit + 1), self.ratio, limit)
+        return dict(zip(keys, counts))
 
     def _steps(self, n: int) -> list[float]:
         """decode_time(b) for b < n (the profile's part cached; the speed factor moves)."""
         while len(self._profile_steps) < n:
-            self._profile_steps.append(self.latency.decode_time(len(self._profile_steps)))
-        return [t * self.speed for t in self._profile_steps[:n]]
-
-    # ---- stage 2: the token mask -------------------------------------------------------
-    def build_mask(self, selected: Sequence[Request]) -> None:
-        per_cycle = {r.request_id: max(1, math.ceil(self.rate(r) * self.period_s))
-                     for r in selected}
-        self.num_columns = max(per_cycle.values(), default=1)
-        self.rows = {rid: mask_columns(k, self.num_columns) for rid, k in per_cycle.items()}
-        self.column = 0
+            self._profile_steps.append(self.steps.latency.decode_time(len(self._profile_steps)))
+        return [t * self.steps.speed for t in self._profile_steps[:n]]
 
     def prepare(self, scheduler: SchedulerView, now: float) -> None:
-        if scheduler.version != self._version:  # a task arrived or finished: re-plan
+        if self.admission is not None:
+            self.admission.note(now)
+        if scheduler.version != self._version:  # a task arrived or finished: re-solve
             self._version = scheduler.version
-            unfinished = [*scheduler.running, *scheduler.preempted, *scheduler.waiting]
-            self.selected = self.select(unfinished, scheduler.config.max_num_seqs)
-            self.build_mask(self.selected)
+            self.quota = self.solve(scheduler.config.max_num_seqs)
         else:
-            self.column = (self.column + 1) % self.num_columns
+            self.mask.advance()
+        self._split_running(scheduler.running)
 
-    # ---- the mechanism's questions -----------------------------------------------------
+    def _split_running(self, running: Sequence[Request]) -> None:
+        """Running tasks within their type's quota are selected (earliest first); the quota
+        left over goes to queued tasks."""
+        left = dict(self.quota)
+        self.selected = []
+        for r in running:
+            key = self._key(r)
+            if left.get(key, 0) > 0:
+                left[key] -= 1
+                self.selected.append(r)
+        self._admit_quota = left
+        per_cycle = self.period_s * (1 + self.margin.value)  # the pace keeps this margin
+        self.mask.sync({r.request_id: max(1, math.ceil(self.rate(r) * per_cycle))
+                        for r in self.selected})
+
+    # ---- stage 2 and the mechanism's questions ------------------------------------------------
+    def pace_deadline(self, request: Request) -> float:
+        """When its next token falls due at its TPOT pace shortened by the margin (its TTFT
+        before the first token)."""
+        slo = request.slo
+        if request.first_token_time is None:
+            return request.arrival_time + slo.ttft_ms / 1e3 if slo.ttft_ms else math.inf
+        if slo.tpot_ms is None or request.best_effort:
+            return math.inf
+        pace = slo.tpot_ms / 1e3 * (1 - self.margin.value)
+        return request.first_token_time + request.num_output_tokens * pace
+
     def running_order(self, running: Sequence[Request], now: float) -> Iterable[Request]:
-        """Selected tasks marked in this column, plus selected prefills still in progress;
-        then, while the step still ends within the tightest TPOT of those (work-conserving
-        fill), unmarked selected tasks. Everything else pauses this step, keeping its KV."""
-        live = {r.request_id for r in running}
+        """Selected tasks marked in this column, selected prompts in progress and any task
+        about to fall behind its pace; then, while the step still ends within the pace of
+        those, unmarked selected tasks and paused ones (work-conserving fill). Everything
+        else pauses this step, keeping its KV."""
+        slack = 1 + self.margin.value
         marked, unmarked = [], []
+        soon = now + self.decode_time(len(self.selected)) * slack
         for r in self.selected:
-            if r.request_id in live:
-                on = r.num_pending_tokens > 1 or self.column in self.rows.get(r.request_id, ())
-                (marked if on else unmarked).append(r)
+            on = r.num_pending_tokens > 1 or self.mask.on(r.request_id) \
+                or self.pace_deadline(r) <= soon
+            (marked if on else unmarked).append(r)
         decodes = [r for r in marked if r.num_pending_tokens == 1]
-        # The step may last until the first of these tasks' next tokens falls due at its TPOT
-        # pace: tasks ahead of pace lend their slack to prefills and to unmarked tasks.
-        limit = min((next_deadline(r) for r in decodes), default=float("inf")) - now
+        limit = self._step_limit(decodes, now)
         fill = []
-        for r in unmarked if self.work_conserving else ():
-            if self.decode_time(len(decodes) + len(fill) + 1) > limit:
-                break
-            fill.append(r)
-        self._prefill_room = self._room_for_prefill(len(decodes) + len(fill), limit)
+        if self.work_conserving:
+            chosen = {r.request_id for r in self.selected}
+            paused = [r for r in running if r.request_id not in chosen]
+            for r in unmarked + paused:
+                if self.decode_time(len(decodes) + len(fill) + 1) * slack > limit:
+                    break
+                fill.append(r)
+        self._prefill_room = self._room_for_prefill(len(decodes) + len(fill), limit / slack)
         return marked + fill
 
+    def _step_limit(self, decodes: Sequence[Request], now: float) -> float:
+        """How long this step may last: until the first decoding task's next token falls due,
+        but never less than the tightest of their paces: a task already behind cannot
+        make every later step shorter than one token of its pace (prompts would starve)."""
+        if not decodes:
+            return math.inf
+        due = min(self.pace_deadline(r) for r in decodes) - now
+        paces = [r.slo.tpot_ms / 1e3 * (1 - self.margin.value) for r in decodes
+                 if r.slo.tpot_ms is not None and not r.best_effort]
+        return max(due, min(paces, default=math.inf if due == math.inf else 0.0))
+
     def _room_for_prefill(self, num_decodes: int, limit: float) -> int:
-        """Prefill tokens this step may carry so that it still ends within `limit` seconds:
-        a prompt never makes a decoding task miss its pace. A prompt token added to a decode
-        step costs about what one more decode row costs."""
-        if limit == float("inf"):
+        """Prefill tokens this step may carry so that it still ends within `limit` seconds.
+        A prompt token added to a decode step costs about what one more decode row costs."""
+        if limit == math.inf:
             return 1 << 30
         lo, hi = 0, 1 << 13  # in 8-token steps: the first step that no longer fits
         while lo < hi:  # step times grow with the batch: bisect
@@ -200,9 +281,22 @@ class SlicePolicy(Policy):
 
     def admission_order(self, preempted: Sequence[Request], waiting: Sequence[Request],
                         now: float) -> Iterable[Request]:
-        queued = {r.request_id for r in preempted} | {r.request_id for r in waiting}
-        chosen = [r for r in self.selected if r.request_id in queued]
-        return sorted(chosen, key=lambda r: not r.slo.realtime)  # stable: real-time first
+        """Queued tasks within their type's quota (preempted ones and earlier arrivals
+        first), earliest deadline first."""
+        chosen = []
+        for key, n in self._admit_quota.items():
+            if n <= 0:
+                continue
+            for r in self._types.get(key, {}).values():
+                if r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
+                    chosen.append(r)
+                    n -= 1
+                    if n == 0:
+                        break
+        return sorted(chosen, key=lambda r: (self.pace_deadline(r), r.arrival_time))
+
+    def import_order(self, arrived: Sequence[Request], now: float) -> Iterable[Request]:
+        return sorted(arrived, key=lambda r: (-self.utility_of(r), self.pace_deadline(r)))
 
     def chunk_size(self, request: Request, num_pending: int, budget: int, step_budget: int) -> int:
         if num_pending == 1:
@@ -213,5 +307,6 @@ class SlicePolicy(Policy):
 
     def pick_victim(self, candidates: Sequence[Request], now: float) -> Request:
         chosen = {r.request_id for r in self.selected}
-        return min(candidates, key=lambda r: (r.request_id in chosen, self.utility_rate(r),
+        return min(candidates, key=lambda r: (r.request_id in chosen,
+                                              self.utility_of(r) * self.rate(r),
                                               -r.arrival_time))
