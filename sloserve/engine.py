@@ -156,12 +156,23 @@ class LLMEngine(RequestIntake):
         for request in plan.imported:
             kv = self._arrived_kv.pop(request.request_id)
             self.runner.import_blocks(request.block_ids[: kv.shape[2]], kv)
+        rejected = [self._rejection(r) for r in plan.rejected]
+        if plan.is_empty:
+            return rejected
         sampled = self.runner.execute(plan)
         now = self.clock()
         self.last_step_time = now - start
         self.scheduler.policy.observe(plan, self.last_step_time)
         touched = self.scheduler.update(plan, sampled, now)
-        return [self._output(r, now) for r in touched]
+        return rejected + [self._output(r, now) for r in touched]
+
+    def _rejection(self, request: Request) -> RequestOutput:
+        """Admission control turned it away: an output that ends it with the reason."""
+        self._forget(request)
+        return RequestOutput(
+            request_id=request.request_id, prompt_token_ids=request.prompt_token_ids, text="",
+            delta_text="", token_ids=[], finished=True, finish_reason="rejected",
+            timings=RequestTimings.of(request), slo=request.slo, error=request.reject_reason)
 
     def _output(self, request: Request, now: float) -> RequestOutput:
         detok = self._detokenizers[request.request_id]

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sloserve.interface import EngineClient, Prompt, RequestOutput
 from sloserve.request import SLO
-from sloserve.server.engine_loop import EngineLoop, QueueFull
+from sloserve.server.engine_loop import EngineLoop, QueueFull, Rejected
 from sloserve.server.metrics import ServerMetrics
 from sloserve.server.protocol import (
     ChatCompletionRequest,
@@ -171,7 +171,7 @@ class _Handler:
         base = _ResponseBase(
             ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, int(time.time()),
             self.model_name, chat)
-        merged = _merge(streams, self.config.request_timeout_s)
+        merged = await _first_answer(_merge(streams, self.config.request_timeout_s))
         firsts = requests[:: body.n]  # one request per prompt, for prompt token counts
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -210,6 +210,30 @@ def _or_400(build, param: str | None):
         return build()
     except ValueError as e:
         raise APIError(400, str(e), param=param) from None
+
+
+async def _first_answer(merged: AsyncIterator) -> AsyncIterator:
+    """Wait for the first output before any reply is sent, so that a request admission
+    control turns away gets a 503 (with Retry-After), not a stream that ends in an error."""
+    try:
+        first = await anext(merged)
+    except StopAsyncIteration:
+        first = None
+    except Rejected as e:
+        await merged.aclose()
+        raise APIError(503, f"objective out of reach: {e}", "service_unavailable",
+                       headers={"Retry-After": "1"}) from None
+
+    async def replay() -> AsyncIterator:
+        try:
+            if first is not None:
+                yield first
+            async for item in merged:
+                yield item
+        finally:
+            await merged.aclose()
+
+    return replay()
 
 
 async def _merge(streams: list[AsyncIterator[RequestOutput]], timeout: float

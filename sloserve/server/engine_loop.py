@@ -24,6 +24,10 @@ class QueueFull(Exception):
     """The waiting queue is at its bound: answer 429 and let the client retry."""
 
 
+class Rejected(Exception):
+    """Admission control found the request's objective out of reach: answer 503."""
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
@@ -77,6 +81,8 @@ class EngineLoop:
                 item = await stream.queue.get()
                 if isinstance(item, Exception):
                     raise item
+                if item.finish_reason == "rejected":
+                    raise Rejected(item.error)
                 if item.error is not None:  # e.g. its instance died past recovery
                     raise RuntimeError(item.error)
                 yield item
@@ -145,7 +151,8 @@ class EngineLoop:
         engine share the GIL, and every wake-up costs the model step time."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for out in outputs:
-            if out.finished and out.error is None and self.on_finish is not None:
+            if out.finished and self.on_finish is not None \
+                    and (out.error is None or out.finish_reason == "rejected"):
                 self.on_finish(out)
             stream = self._streams.get(out.request_id)
             if stream is not None:

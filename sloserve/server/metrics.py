@@ -44,10 +44,16 @@ class ServerMetrics:
                                [*labels, "slo_class"], registry=r)
         self.slo_missed = Counter("sloserve:slo_missed", "Requests that missed an objective",
                                   [*labels, "slo_class"], registry=r)
+        self.rejected = Counter("sloserve:request_rejected", "Requests admission control "
+                                "answered with 503: their objective was out of reach",
+                                [*labels, "slo_class"], registry=r)
         self.labels = labels
 
     def record(self, out: RequestOutput) -> None:
         """Called once per finished request, on the engine thread."""
+        if out.finish_reason == "rejected":
+            self.rejected.labels(**self.labels, slo_class=out.slo.slo_class).inc()
+            return
         t = out.timings
         for hist, value in ((self.ttft, t.ttft), (self.tpot, t.tpot), (self.e2e, t.e2e),
                             (self.queue, t.queueing)):

@@ -19,6 +19,8 @@ class SLOSpec(BaseModel):
     deadline_ms: Annotated[float, Field(gt=0)] | None = None
     realtime: bool = False
     utility: Annotated[float, Field(gt=0)] | None = None
+    # out of reach at admission: 503 at once, or served after all on-time work
+    on_miss: Literal["reject", "best_effort"] | None = None
 
 
 class StreamOptions(BaseModel):

@@ -165,3 +165,25 @@ def test_sigterm_finishes_in_flight_requests_then_exits():
     assert rest[-1].choices[0].finish_reason == "length"
     assert srv.proc.wait(30) == 0
     assert b"Application shutdown complete" in srv.proc.stdout.read()
+
+
+def test_admission_control_answers_an_unreachable_objective_with_503_at_once():
+    srv = ServerProcess("--policy", "slice")
+    try:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0)
+        impossible = {"slo": {"ttft_ms": 0.01, "realtime": True}}  # no prefill is that fast
+        for stream in (False, True):
+            with pytest.raises(openai.APIStatusError) as err:
+                reply = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4,
+                                                  stream=stream, extra_body=impossible)
+                list(reply) if stream else None
+            assert err.value.status_code == 503 and err.value.response.headers["Retry-After"]
+            assert "TTFT objective" in err.value.message
+        best_effort = {"slo": {**impossible["slo"], "on_miss": "best_effort"}}
+        reply = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4,
+                                          extra_body=best_effort)
+        assert reply.choices[0].text and reply.choices[0].finish_reason == "length"
+        assert srv.metric("request_rejected_total") == 2
+        assert srv.metric("kv_cache_usage_perc") == 0.0
+    finally:
+        srv.stop()

@@ -7,7 +7,8 @@ whenever a task arrives or finishes; tasks of a type are taken running first, th
 order, so a re-plan never churns the running set for nothing.
 
 Stage 2 controls each task's rate with a token mask: rows are the selected tasks, columns the
-decode steps of one cycle of `period_ms`; a task that needs k tokens per cycle has k ones
+decode steps of one cycle of `period_ms` (as many as the step model says fit in it, and at
+least the fastest task's tokens per cycle); a task that needs k tokens per cycle has k ones
 spread evenly over the columns, each row at the offset that keeps the columns' loads even.
 Each step scans the next column and decodes the rows marked there. The mask survives
 arrivals and finishes (rows are added to and removed from the current cycle); its width is
@@ -48,6 +49,7 @@ class TokenMask:
     """Rows (task -> the columns it decodes in) over `num_columns` decode steps."""
 
     def __init__(self) -> None:
+        self.steps_per_cycle = 1  # set by the policy: decode steps one cycle is expected to take
         self.num_columns = 1
         self.column = 0
         self.rows: dict[str, frozenset[int]] = {}
@@ -79,7 +81,7 @@ class TokenMask:
             self._rebuild()
 
     def _rebuild(self) -> None:
-        self.num_columns = max(self.per_cycle.values(), default=1)
+        self.num_columns = max(self.steps_per_cycle, max(self.per_cycle.values(), default=1))
         self.loads = [0] * self.num_columns
         self.rows = {}
         for rid, k in sorted(self.per_cycle.items(), key=lambda kv: -kv[1]):
@@ -198,8 +200,7 @@ class SlicePolicy(Policy):
         if scheduler.version != self._version:  # a task arrived or finished: re-solve
             self._version = scheduler.version
             self.quota = self.solve(scheduler.config.max_num_seqs)
-        else:
-            self.mask.advance()
+        self.mask.advance()  # every step scans the next column, arrivals or not
         self._split_running(scheduler.running)
 
     def _split_running(self, running: Sequence[Request]) -> None:
@@ -213,6 +214,9 @@ class SlicePolicy(Policy):
                 left[key] -= 1
                 self.selected.append(r)
         self._admit_quota = left
+        # Columns are the decode steps of one cycle: as many as fit in the period.
+        self.mask.steps_per_cycle = max(1, int(self.period_s / self.decode_time(
+            max(1, len(self.selected)))))
         per_cycle = self.period_s * (1 + self.margin.value)  # the pace keeps this margin
         self.mask.sync({r.request_id: max(1, math.ceil(self.rate(r) * per_cycle))
                         for r in self.selected})
