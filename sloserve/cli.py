@@ -32,6 +32,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from sloserve.engine import LLMEngine
+    from sloserve.profiler import calibrate
     from sloserve.request import SLO
     from sloserve.server import ServerConfig, serve
 
@@ -45,6 +46,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
                               request_timeout_s=args.request_timeout,
                               served_model_name=args.served_model_name, default_slo=slo)
         engine = cluster_engine(args) if args.mode else LLMEngine(engine_config(args))
+        if not args.mode:
+            calibrate(engine)
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from None
     try:

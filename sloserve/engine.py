@@ -12,6 +12,8 @@ import torch
 
 from sloserve.config import EngineConfig
 from sloserve.core.kv_blocks import BlockManager
+from sloserve.core.latency import PROFILES, LatencyModel
+from sloserve.core.policies import prices_steps
 from sloserve.core.scheduler import Scheduler
 from sloserve.detokenizer import IncrementalDetokenizer
 from sloserve.interface import EngineStats, Prompt, RequestOutput, RequestTimings
@@ -90,12 +92,35 @@ class LLMEngine(RequestIntake):
                                    config.enable_prefix_caching)
         self.scheduler = Scheduler(
             dataclasses.replace(config.scheduler, max_model_len=self.max_model_len), self.blocks)
+        self.needs_latency_profile = False
+        if prices_steps(config.scheduler.policy) \
+                and "latency" not in config.scheduler.policy_options:
+            self._price_steps_for_this_hardware()
         self.eos_token_id = eos_token_id(self.tokenizer, self.model_config)
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._arrived_kv: dict[str, torch.Tensor] = {}  # remote KV not yet in blocks
         self._ids = itertools.count()
         self.clock: Callable[[], float] = time.monotonic
         self.last_step_time = 0.0
+
+    def _price_steps_for_this_hardware(self) -> None:
+        """A policy that prices steps gets this machine's latency profile: a shipped one made
+        on the same hardware for the same model; failing that, `needs_latency_profile` asks
+        whoever starts the engine to measure one (profiler.calibrate): never another
+        machine's, which would misjudge every step."""
+        latency = shipped_profile(self.runner.device, self.config.model)
+        if latency is None:
+            self.needs_latency_profile = True
+        else:
+            self.use_latency_profile(latency)
+
+    def use_latency_profile(self, latency: LatencyModel) -> None:
+        """Price steps with `latency` from now on (a fresh scheduler: call before requests)."""
+        assert not self.scheduler.has_unfinished()
+        s = self.scheduler.config
+        self.scheduler = Scheduler(dataclasses.replace(
+            s, policy_options={**s.policy_options, "latency": latency}), self.blocks)
+        self.needs_latency_profile = False
 
     def shutdown(self) -> None:
         self.runner.shutdown()
@@ -191,6 +216,20 @@ class LLMEngine(RequestIntake):
         self._detokenizers.pop(request.request_id, None)
         self._arrived_kv.pop(request.request_id, None)
         self.runner.release(request.request_id)
+
+
+def shipped_profile(device: torch.device, model: str | None) -> LatencyModel | None:
+    """The shipped profile measured on this kind of device with this model, if any."""
+    if device.type == "cpu":
+        return LatencyModel.default() if model is None else None  # the embedded model's
+    if device.type != "cuda" or not (model or "").startswith("dummy:"):
+        return None
+    gpu = torch.cuda.get_device_name(device).lower()
+    for name in ("h100", "h200"):
+        path = PROFILES / f"gpu-{name}-{model.removeprefix('dummy:')}.json"
+        if name in gpu and path.exists():
+            return LatencyModel.from_file(path)
+    return None
 
 
 def eos_token_id(tokenizer: Any, model_config: Any) -> int | None:

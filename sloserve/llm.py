@@ -9,6 +9,7 @@ from typing import Any
 from sloserve.config import EngineConfig
 from sloserve.engine import LLMEngine
 from sloserve.interface import Prompt, RequestTimings
+from sloserve.profiler import calibrate
 from sloserve.request import SamplingParams
 
 
@@ -25,6 +26,7 @@ class GenerationResult:
 class LLM:
     def __init__(self, model: str | None = None, **kwargs: Any):
         self.engine = LLMEngine(EngineConfig.from_kwargs(model=model, **kwargs))
+        calibrate(self.engine)
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts: Prompt | Sequence[Prompt],

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import statistics
 import time
+from typing import TYPE_CHECKING
 
 from sloserve.core.latency import LatencyModel
-from sloserve.engine import LLMEngine
 from sloserve.request import SamplingParams
+
+if TYPE_CHECKING:
+    from sloserve.engine import LLMEngine
+
+log = logging.getLogger("sloserve.profiler")
 
 
 class _Prompts:
@@ -83,3 +89,12 @@ def profile(engine: LLMEngine, batch_sizes: list[int], prefill_tokens: list[int]
     return LatencyModel(tuple(batch_sizes), tuple(decode), tuple(prefill_tokens), tuple(prefill),
                         context, max(slope, 0.0), tuple(mixed_batch), tuple(mixed),
                         source=f"sloserve profile, {engine.model_name}")
+
+
+def calibrate(engine: LLMEngine) -> None:
+    """Give an engine whose policy prices steps a profile of this machine, measured now (a
+    few seconds before serving), when none was shipped for it."""
+    if engine.needs_latency_profile:
+        log.info("measuring this machine's step latency for the %s policy",
+                 engine.config.scheduler.policy)
+        engine.use_latency_profile(profile(engine, [1, 8, 32], [32, 256], steps=3))

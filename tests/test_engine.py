@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sloserve import SamplingParams
+from sloserve import LLM, SamplingParams
 from tests.conftest import CHAT_PROMPTS, chat
 
 
@@ -84,3 +84,14 @@ def test_a_request_resumed_from_its_streamed_tokens_continues_the_same_text(llm)
     streamed_before = llm.tokenizer.decode(whole.token_ids[:10])
     assert streamed_before + "".join(o.delta_text for o in outputs) == whole.text
     assert engine.blocks.num_used_blocks == 0
+
+
+def test_a_policy_that_prices_steps_gets_this_machines_profile():
+    from sloserve.core.latency import LatencyModel
+
+    embedded = LLM(policy="slice")  # the shipped profile was measured with it on this CPU
+    assert embedded.engine.scheduler.policy.steps.latency == LatencyModel.default()
+    other = LLM(model="dummy:qwen2-tiny", policy="edf", num_kv_blocks=64)  # measured now
+    latency = other.engine.scheduler.policy.steps.latency
+    assert "qwen2-tiny" in latency.source and latency.decode_batch == (1, 8, 32)
+    assert other.generate("Hi", SamplingParams(max_tokens=3, ignore_eos=True))[0].token_ids

@@ -21,6 +21,7 @@ from sloserve.core.latency import LatencyModel
 from sloserve.core.router import InstanceLoad, instance_load
 from sloserve.engine import LLMEngine
 from sloserve.interface import RequestOutput
+from sloserve.profiler import calibrate
 from sloserve.request import Request, RequestStatus
 
 ROLES = ("prefill", "decode", "colocated")
@@ -53,6 +54,7 @@ class InstanceWorker:
         self._latency = (LatencyModel.from_file(latency_profile) if latency_profile
                          else LatencyModel.default())  # decode steps, for tpot_slack
         self.engine = LLMEngine(config)
+        calibrate(self.engine)
         self.transfer = transfer_class(kv_transfer)(self.engine.runner.device, TransferEvents(
             ready=self._report, failed=self._fail, arrived=self._arrived, lost=self._lost))
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()

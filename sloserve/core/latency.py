@@ -106,15 +106,18 @@ class LatencyModel:
         return self.decode_time(batch) + self.context_s_per_token * extra
 
     def step_time(self, plan: Plan) -> float:
-        """A decode-only step costs l(b) plus its context beyond the profile's. Prompt tokens
-        add what a prefill of them costs beyond the fixed cost of any step (about l(1): one
-        pass over the weights), which decode rows already paid."""
         decodes = context = 0
         for c in plan.chunks:
             if c.is_decode:
                 decodes += 1
                 context += c.start + 1
-        prompt_tokens = plan.num_batched_tokens - decodes
+        return self.mixed_step_time(decodes, context, plan.num_batched_tokens - decodes)
+
+    def mixed_step_time(self, decodes: int, context: int, prompt_tokens: int) -> float:
+        """A step decoding `decodes` requests (attending to `context` tokens in all) beside
+        `prompt_tokens` prompt tokens. A decode-only step costs l(b) plus its context beyond
+        the profile's. Prompt tokens add what a prefill of them costs beyond the fixed cost of
+        any step (about l(1): one pass over the weights), which decode rows already paid."""
         if not decodes:
             return self.prefill_time(prompt_tokens)
         time = self.decode_step_time(decodes, context)
@@ -198,6 +201,13 @@ class RooflineModel:
         """A decode-only step of `batch` requests attending to `total_context` tokens."""
         flops = self._attention_flops(1, total_context - batch / 2)
         return self._time(batch, total_context, flops)
+
+    def mixed_step_time(self, decodes: int, context: int, prompt_tokens: int) -> float:
+        """As step_time for a step of `decodes` decodes attending to `context` tokens in all
+        and one prompt chunk of `prompt_tokens` tokens from its start."""
+        flops = self._attention_flops(1, context - decodes / 2) + self._attention_flops(
+            prompt_tokens, prompt_tokens / 2)
+        return self._time(decodes + prompt_tokens, context + prompt_tokens, flops)
 
     def step_time(self, plan: Plan) -> float:
         if all(c.is_decode for c in plan.chunks):

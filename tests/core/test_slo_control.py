@@ -76,9 +76,11 @@ def test_slice_paces_tokens_ahead_of_the_objective_by_its_margin():
     policy = scheduler.policy
     request = make_request("rt", 4, max_tokens=100, slo=SLO(tpot_ms=100, realtime=True))
     request.first_token_time, request.output_token_ids = 0.0, [7] * 5
+    run_step(scheduler, 0.0)  # each step reads the margin once
     assert policy.pace_deadline(request) == pytest.approx(5 * 0.100 * 0.98)  # the floor: 2%
     for _ in range(50):  # steps run 20% over the model's prediction
         policy.steps.margin.observe(0.010, 0.012)
+    run_step(scheduler, 0.1)
     assert policy.pace_deadline(request) == pytest.approx(5 * 0.100 * 0.80)
 
 

@@ -10,10 +10,13 @@ import pytest
 
 from sloserve.config import SchedulerConfig
 from sloserve.core.latency import LatencyModel
+from sloserve.core.plan import Plan, ScheduledChunk
+from sloserve.core.policies import make_policy
 from sloserve.request import SLO, SamplingParams
 from sloserve.sim.cluster import SAMPLED_TOKEN, Cluster, InstanceConfig, SimInstance, VirtualClock
-from sloserve.sim.run import plan_log, with_policy_latency
+from sloserve.sim.run import Deployment, latency_model, plan_log, with_policy_latency
 from sloserve.workload.spec import RequestSpec, build, load
+from tests.core.factories import make_request
 
 LATENCY = LatencyModel((1, 8, 64), (0.02, 0.03, 0.09), (64, 512), (0.03, 0.12))
 
@@ -200,3 +203,18 @@ def test_tropical_decode_instance_takes_prompts_within_its_tpot_slack(tpot_ms, t
         assert all(r.ok for r in records)
     else:
         assert from_second == []
+
+
+def test_slice_prices_a_mixed_step_as_the_simulated_gpu_charges_it():
+    d = Deployment(gpu="h200", scheduler=SchedulerConfig(policy="slice"))
+    latency, _ = latency_model(d)
+    policy = make_policy("slice", **with_policy_latency(d.scheduler, latency).policy_options)
+    assert policy.steps.latency is latency
+    prompt = make_request("p", 2048)
+    decodes = [make_request(f"d{i}", latency.decode_context - 1) for i in range(64)]
+    for r in decodes:
+        r.output_token_ids = [1]
+    plan = Plan(0.0, [ScheduledChunk(r, r.num_prompt_tokens, 1, True) for r in decodes]
+                + [ScheduledChunk(prompt, 0, 512, False)])
+    assert policy.steps.mixed_step_time(64, 512) == pytest.approx(latency.step_time(plan),
+                                                                 rel=0.02)

@@ -65,6 +65,11 @@ class CalibratedSteps:
     def prefill_time(self, tokens: int) -> float:
         return self.latency.prefill_time(tokens) * self.speed
 
+    def mixed_step_time(self, decodes: int, prompt_tokens: int) -> float:
+        """A step of `decodes` decodes at the model's own context beside a prompt chunk."""
+        context = decodes * self.latency.decode_context
+        return self.latency.mixed_step_time(decodes, context, prompt_tokens) * self.speed
+
     def observe(self, plan: Plan, step_time: float) -> None:
         predicted = self.latency.step_time(plan)
         if predicted > 0:

@@ -141,6 +141,7 @@ class SlicePolicy(Policy):
         self._admit_quota: dict[TypeKey, int] = {}  # quota left for queued tasks
         self.mask = TokenMask()
         self._prefill_room = 1 << 30  # prefill tokens left in this step
+        self._pace_factor = 1.0  # 1 - margin, as of this step
 
     # ---- the step model ---------------------------------------------------------------------
     def decode_time(self, batch: int) -> float:
@@ -195,6 +196,7 @@ class SlicePolicy(Policy):
         return [t * self.steps.speed for t in self._profile_steps[:n]]
 
     def prepare(self, scheduler: SchedulerView, now: float) -> None:
+        self._pace_factor = 1 - self.margin.value  # read once a step: a sorted-window lookup
         if self.admission is not None:
             self.admission.note(now)
         if scheduler.version != self._version:  # a task arrived or finished: re-solve
@@ -230,7 +232,7 @@ class SlicePolicy(Policy):
             return request.arrival_time + slo.ttft_ms / 1e3 if slo.ttft_ms else math.inf
         if slo.tpot_ms is None or request.best_effort:
             return math.inf
-        pace = slo.tpot_ms / 1e3 * (1 - self.margin.value)
+        pace = slo.tpot_ms / 1e3 * self._pace_factor
         return request.first_token_time + request.num_output_tokens * pace
 
     def running_order(self, running: Sequence[Request], now: float) -> Iterable[Request]:
@@ -250,13 +252,19 @@ class SlicePolicy(Policy):
         fill = []
         if self.work_conserving:
             chosen = {r.request_id for r in self.selected}
-            paused = [r for r in running if r.request_id not in chosen]
-            for r in unmarked + paused:
-                if self.decode_time(len(decodes) + len(fill) + 1) * slack > limit:
-                    break
-                fill.append(r)
+            spare = unmarked + [r for r in running if r.request_id not in chosen]  # paused
+            fill = spare[: self._rows_that_fit(len(decodes), len(spare), limit / slack)]
         self._prefill_room = self._room_for_prefill(len(decodes) + len(fill), limit / slack)
         return marked + fill
+
+    def _rows_that_fit(self, base: int, most: int, limit: float) -> int:
+        """The most extra decode rows (<= most) a step of `base` rows can take and still
+        end within `limit` (step times grow with the batch: bisect)."""
+        lo, hi = 0, most
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self.decode_time(base + mid) <= limit else (lo, mid - 1)
+        return lo
 
     def _step_limit(self, decodes: Sequence[Request], now: float) -> float:
         """How long this step may last: until the first decoding task's next token falls due,
@@ -265,19 +273,19 @@ class SlicePolicy(Policy):
         if not decodes:
             return math.inf
         due = min(self.pace_deadline(r) for r in decodes) - now
-        paces = [r.slo.tpot_ms / 1e3 * (1 - self.margin.value) for r in decodes
+        paces = [r.slo.tpot_ms / 1e3 * self._pace_factor for r in decodes
                  if r.slo.tpot_ms is not None and not r.best_effort]
         return max(due, min(paces, default=math.inf if due == math.inf else 0.0))
 
     def _room_for_prefill(self, num_decodes: int, limit: float) -> int:
-        """Prefill tokens this step may carry so that it still ends within `limit` seconds.
-        A prompt token added to a decode step costs about what one more decode row costs."""
+        """Prefill tokens this step may carry so that it still ends within `limit` seconds,
+        priced by the same step model the engine or simulator runs under."""
         if limit == math.inf:
             return 1 << 30
         lo, hi = 0, 1 << 13  # in 8-token steps: the first step that no longer fits
-        while lo < hi:  # step times grow with the batch: bisect
+        while lo < hi:  # step times grow with the tokens: bisect
             mid = (lo + hi) // 2
-            if self.decode_time(num_decodes + 8 * mid + 8) <= limit:
+            if self.steps.mixed_step_time(num_decodes, 8 * mid + 8) <= limit:
                 lo = mid + 1
             else:
                 hi = mid
