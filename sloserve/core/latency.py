@@ -113,11 +113,13 @@ class LatencyModel:
                 context += c.start + 1
         return self.mixed_step_time(decodes, context, plan.num_batched_tokens - decodes)
 
-    def mixed_step_time(self, decodes: int, context: int, prompt_tokens: int) -> float:
+    def mixed_step_time(self, decodes: int, context: int, prompt_tokens: int,
+                        prompt_start: int = 0) -> float:
         """A step decoding `decodes` requests (attending to `context` tokens in all) beside
-        `prompt_tokens` prompt tokens. A decode-only step costs l(b) plus its context beyond
-        the profile's. Prompt tokens add what a prefill of them costs beyond the fixed cost of
-        any step (about l(1): one pass over the weights), which decode rows already paid."""
+        `prompt_tokens` prompt tokens (from `prompt_start`: the profile has no term for it).
+        A decode-only step costs l(b) plus its context beyond the profile's. Prompt tokens
+        add what a prefill of them costs beyond the fixed cost of any step (about l(1): one
+        pass over the weights), which decode rows already paid."""
         if not decodes:
             return self.prefill_time(prompt_tokens)
         time = self.decode_step_time(decodes, context)
@@ -202,12 +204,14 @@ class RooflineModel:
         flops = self._attention_flops(1, total_context - batch / 2)
         return self._time(batch, total_context, flops)
 
-    def mixed_step_time(self, decodes: int, context: int, prompt_tokens: int) -> float:
+    def mixed_step_time(self, decodes: int, context: int, prompt_tokens: int,
+                        prompt_start: int = 0) -> float:
         """As step_time for a step of `decodes` decodes attending to `context` tokens in all
-        and one prompt chunk of `prompt_tokens` tokens from its start."""
+        and one prompt chunk of `prompt_tokens` tokens from position `prompt_start`."""
         flops = self._attention_flops(1, context - decodes / 2) + self._attention_flops(
-            prompt_tokens, prompt_tokens / 2)
-        return self._time(decodes + prompt_tokens, context + prompt_tokens, flops)
+            prompt_tokens, prompt_start + prompt_tokens / 2)
+        return self._time(decodes + prompt_tokens, context + prompt_start + prompt_tokens,
+                          flops)
 
     def step_time(self, plan: Plan) -> float:
         if all(c.is_decode for c in plan.chunks):

@@ -72,7 +72,8 @@ class DeadlineQueue:
 class EarliestDeadlinePolicy(Policy):
     """Order running work, admissions and preemption victims by next deadline (the same
     order as least slack, slack = deadline - now); requests with no objective come last, in
-    arrival order; the victim is the one whose deadline is furthest. With admission control
+    arrival order; the victim is the one whose deadline is furthest; prompts are chunked into
+    the budget left. With admission control
     (the default), a request that cannot meet its TTFT is rejected at once (admission.py)."""
 
     steady_decode = True
@@ -121,6 +122,11 @@ class EarliestDeadlinePolicy(Policy):
 
     def import_order(self, arrived: Sequence[Request], now: float) -> Iterable[Request]:
         return sorted(arrived, key=self._key)
+
+    def chunk_size(self, request: Request, num_pending: int, budget: int, step_budget: int) -> int:
+        """Prompts are chunked into whatever budget is left, so a long one never waits for
+        a whole empty step behind the decodes (head-of-line blocking)."""
+        return min(num_pending, budget)
 
     def pick_victim(self, candidates: Sequence[Request], now: float) -> Request:
         return max(candidates, key=self._key)

@@ -65,10 +65,12 @@ class CalibratedSteps:
     def prefill_time(self, tokens: int) -> float:
         return self.latency.prefill_time(tokens) * self.speed
 
-    def mixed_step_time(self, decodes: int, prompt_tokens: int) -> float:
-        """A step of `decodes` decodes at the model's own context beside a prompt chunk."""
-        context = decodes * self.latency.decode_context
-        return self.latency.mixed_step_time(decodes, context, prompt_tokens) * self.speed
+    def mixed_step_time(self, decodes: int, context: int, prompt_tokens: int,
+                        prompt_start: int = 0) -> float:
+        """A step of `decodes` decodes attending to `context` tokens in all, beside a
+        prompt chunk of `prompt_tokens` from position `prompt_start`."""
+        return self.latency.mixed_step_time(decodes, context, prompt_tokens,
+                                            prompt_start) * self.speed
 
     def observe(self, plan: Plan, step_time: float) -> None:
         predicted = self.latency.step_time(plan)

@@ -24,6 +24,7 @@ Requests that cannot meet their objectives are rejected at once (admission.py).
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 
@@ -139,6 +140,7 @@ class SlicePolicy(Policy):
         self.quota: dict[TypeKey, int] = {}  # stage 1's answer: tasks to serve per type
         self.selected: list[Request] = []  # running tasks within their type's quota
         self._admit_quota: dict[TypeKey, int] = {}  # quota left for queued tasks
+        self._candidates: list[Request] = []  # queued tasks to admit this step, in order
         self.mask = TokenMask()
         self._prefill_room = 1 << 30  # prefill tokens left in this step
         self._pace_factor = 1.0  # 1 - margin, as of this step
@@ -236,38 +238,58 @@ class SlicePolicy(Policy):
         return request.first_token_time + request.num_output_tokens * pace
 
     def running_order(self, running: Sequence[Request], now: float) -> Iterable[Request]:
-        """Selected tasks marked in this column, selected prompts in progress and any task
-        about to fall behind its pace; then, while the step still ends within the pace of
-        those, unmarked selected tasks and paused ones (work-conserving fill). Everything
-        else pauses this step, keeping its KV."""
+        """Selected tasks marked in this column, then any whose next token falls due before
+        the step can end (the pace guard), then selected prompts in progress; while the step
+        still ends within the pace of those, unmarked selected tasks and paused ones
+        (work-conserving fill). Everything else pauses this step, keeping its KV."""
         slack = 1 + self.margin.value
-        marked, unmarked = [], []
-        soon = now + self.decode_time(len(self.selected)) * slack
+        decodes, unmarked, prompts = [], [], []
         for r in self.selected:
-            on = r.num_pending_tokens > 1 or self.mask.on(r.request_id) \
-                or self.pace_deadline(r) <= soon
-            (marked if on else unmarked).append(r)
-        decodes = [r for r in marked if r.num_pending_tokens == 1]
-        limit = self._step_limit(decodes, now)
+            if r.num_pending_tokens > 1:
+                prompts.append(r)
+            else:
+                (decodes if self.mask.on(r.request_id) else unmarked).append(r)
+        # The step may last until the first selected task's next token falls due (at least
+        # one pace): a task due by then decodes now, whatever the mask says.
+        limit = self._step_limit(decodes + unmarked, now)
+        due = [r for r in unmarked if self.pace_deadline(r) <= now + limit]
+        if due:
+            decodes += due
+            unmarked = [r for r in unmarked if self.pace_deadline(r) > now + limit]
+        # prompts in progress take the room in TTFT order, after the decodes; one whose
+        # deadline is later than a queued prompt's yields the room to it (admitted next)
+        self._candidates = self._queued_candidates()
+        urgent = min((self.pace_deadline(r) for r in self._candidates
+                      if r.first_token_time is None), default=math.inf)
+        prompts = [r for r in sorted(prompts, key=self.pace_deadline)
+                   if self.pace_deadline(r) <= urgent]
+        context = sum(r.num_tokens for r in decodes)  # long contexts make long steps
         fill = []
         if self.work_conserving:
             chosen = {r.request_id for r in self.selected}
-            spare = unmarked + [r for r in running if r.request_id not in chosen]  # paused
-            fill = spare[: self._rows_that_fit(len(decodes), len(spare), limit / slack)]
-        self._prefill_room = self._room_for_prefill(len(decodes) + len(fill), limit / slack)
-        return marked + fill
+            spare = unmarked + [r for r in running
+                                if r.request_id not in chosen and r.num_pending_tokens == 1]
+            fill = spare[: self._rows_that_fit(len(decodes), context, spare, limit / slack)]
+            context += sum(r.num_tokens for r in fill)
+        start = prompts[0].num_computed_tokens if prompts else 0  # deep chunks cost more
+        self._prefill_room = self._room_for_prefill(len(decodes) + len(fill), context, start,
+                                                    limit / slack)
+        return decodes + prompts + fill
 
-    def _rows_that_fit(self, base: int, most: int, limit: float) -> int:
-        """The most extra decode rows (<= most) a step of `base` rows can take and still
-        end within `limit` (step times grow with the batch: bisect)."""
-        lo, hi = 0, most
+    def _rows_that_fit(self, base: int, context: int, spare: Sequence[Request],
+                       limit: float) -> int:
+        """How many of `spare` (in order) a step of `base` decodes attending to `context`
+        tokens can take and still end within `limit` (step times grow: bisect)."""
+        contexts = list(itertools.accumulate((r.num_tokens for r in spare), initial=context))
+        lo, hi = 0, len(spare)
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if self.decode_time(base + mid) <= limit else (lo, mid - 1)
+            fits = self.steps.mixed_step_time(base + mid, contexts[mid], 0) <= limit
+            lo, hi = (mid, hi) if fits else (lo, mid - 1)
         return lo
 
     def _step_limit(self, decodes: Sequence[Request], now: float) -> float:
-        """How long this step may last: until the first decoding task's next token falls due,
+        """How long this step may last: until the first of these tasks' next token falls due,
         but never less than the tightest of their paces: a task already behind cannot
         make every later step shorter than one token of its pace (prompts would starve)."""
         if not decodes:
@@ -277,7 +299,8 @@ class SlicePolicy(Policy):
                  if r.slo.tpot_ms is not None and not r.best_effort]
         return max(due, min(paces, default=math.inf if due == math.inf else 0.0))
 
-    def _room_for_prefill(self, num_decodes: int, limit: float) -> int:
+    def _room_for_prefill(self, num_decodes: int, context: int, start: int,
+                          limit: float) -> int:
         """Prefill tokens this step may carry so that it still ends within `limit` seconds,
         priced by the same step model the engine or simulator runs under."""
         if limit == math.inf:
@@ -285,14 +308,13 @@ class SlicePolicy(Policy):
         lo, hi = 0, 1 << 13  # in 8-token steps: the first step that no longer fits
         while lo < hi:  # step times grow with the tokens: bisect
             mid = (lo + hi) // 2
-            if self.steps.mixed_step_time(num_decodes, 8 * mid + 8) <= limit:
+            if self.steps.mixed_step_time(num_decodes, context, 8 * mid + 8, start) <= limit:
                 lo = mid + 1
             else:
                 hi = mid
         return 8 * lo
 
-    def admission_order(self, preempted: Sequence[Request], waiting: Sequence[Request],
-                        now: float) -> Iterable[Request]:
+    def _queued_candidates(self) -> list[Request]:
         """Queued tasks within their type's quota (preempted ones and earlier arrivals
         first), earliest deadline first."""
         chosen = []
@@ -306,6 +328,10 @@ class SlicePolicy(Policy):
                     if n == 0:
                         break
         return sorted(chosen, key=lambda r: (self.pace_deadline(r), r.arrival_time))
+
+    def admission_order(self, preempted: Sequence[Request], waiting: Sequence[Request],
+                        now: float) -> Iterable[Request]:
+        return self._candidates
 
     def import_order(self, arrived: Sequence[Request], now: float) -> Iterable[Request]:
         return sorted(arrived, key=lambda r: (-self.utility_of(r), self.pace_deadline(r)))
