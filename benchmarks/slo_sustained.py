@@ -9,9 +9,10 @@ edge mix (30% real-time) and `longprompt` (the same classes over LongBench-like 
 For each machine and workload: each policy's capacity (highest rate at >= 90% attainment,
 found by doubling then bisection; a run stops early once it cannot reach 90%; for the SLO
 policies a rate counts only if no class attains less than under fcfs at that rate, within a
-point); at the best SLO policy's capacity C, every class's attainment beside fcfs's; the best policy's goodput at 1.5 C and 2 C over its own peak; its real-time
-attainment at every measured rate where the real-time demand alone fits (0.3 x rate below
-the capacity of a real-time-only load). Writes benchmarks/results/slo_sustained.json:
+point); at the best SLO policy's capacity C, every class's attainment beside fcfs's; the
+best policy's goodput at 1.5 C and 2 C over its own peak; its real-time attainment at every
+measured rate where the real-time demand alone fits (0.3 x rate below the capacity of a
+real-time-only load). Writes benchmarks/results/slo_sustained.json:
 
     python benchmarks/slo_sustained.py [--machines h100,h200] [--workloads edge,longprompt]
 """

@@ -8,7 +8,13 @@ import sys
 
 from sloserve.config import ClusterConfig, parse_replica_spec
 from sloserve.errors import UsageError
-from sloserve.flags import add_dataclass_flags, add_engine_flags, engine_config
+from sloserve.flags import (
+    add_dataclass_flags,
+    add_engine_flags,
+    add_role_limit_flags,
+    engine_config,
+    role_overrides,
+)
 from sloserve.request import SamplingParams
 
 
@@ -66,14 +72,10 @@ def cluster_engine(args: argparse.Namespace):
     if args.enable_chunked_prefill and engine.scheduler.policy == "fcfs":
         engine = engine.with_scheduler(policy="chunked")
 
-    def overrides(role: str) -> dict:
-        names = ("max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization")
-        return {n: v for n in names if (v := getattr(args, f"{role}_{n}")) is not None}
-
     return ClusterEngine(ClusterConfig(
         mode=args.mode, replica_spec=parse_replica_spec(args.replica_spec),
-        partition_id=args.partition_id, engine=engine, prefill=overrides("prefill"),
-        decode=overrides("decode"), ray_address=args.ray_address,
+        partition_id=args.partition_id, engine=engine, prefill=role_overrides(args, "prefill"),
+        decode=role_overrides(args, "decode"), ray_address=args.ray_address,
         latency_profile=args.latency_profile, kv_transfer=args.kv_transfer,
         router=args.router))
 
@@ -120,11 +122,7 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--replica-spec", nargs="+", metavar="TP,PP",
                    default=[f"{tp},{pp}" for tp, pp in ClusterConfig.replica_spec],
                    help="one tp,pp per engine instance")
-    for role in ("prefill", "decode"):
-        for name in ("max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization"):
-            g.add_argument(f"--{role}-{name.replace('_', '-')}", default=None,
-                           type=float if name == "gpu_memory_utilization" else int,
-                           help=f"{role} instances only")
+    add_role_limit_flags(g)
     g.add_argument("--enable-chunked-prefill", action="store_true",
                    help="chunked prefill on every instance (the chunked policy)")
 

@@ -86,6 +86,23 @@ def _policy_options(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     return options
 
 
+ROLE_LIMITS = ("max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization")
+
+
+def add_role_limit_flags(p: argparse.ArgumentParser) -> None:
+    """--prefill-max-num-seqs ... --decode-gpu-memory-utilization: one role's instances."""
+    for role in ("prefill", "decode"):
+        for name in ROLE_LIMITS:
+            p.add_argument(f"--{role}-{name.replace('_', '-')}", default=None,
+                           type=float if name == "gpu_memory_utilization" else int,
+                           help=f"{role} instances only")
+
+
+def role_overrides(args: argparse.Namespace, role: str) -> dict[str, Any]:
+    """The limits given for one role's instances."""
+    return {n: v for n in ROLE_LIMITS if (v := getattr(args, f"{role}_{n}")) is not None}
+
+
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, metavar="FILE",
                    help="YAML/JSON of settings (flag names with underscores, e.g. what "

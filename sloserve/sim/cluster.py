@@ -8,6 +8,7 @@ free first. One instance and an engine stepping back to back make the same Plans
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -124,17 +125,22 @@ class Cluster:
         self._handoffs: list[tuple[float, int, str, int]] = []  # heap: KV arrives, seq, ...
         self._seq = 0
 
-    def run(self, specs: list[RequestSpec], max_misses: int | None = None
-            ) -> tuple[list[RequestRecord], float]:
+    def run(self, specs: list[RequestSpec], max_misses: int | None = None,
+            max_concurrency: int | None = None) -> tuple[list[RequestRecord], float]:
         """Records in spec order and the end time. With `max_misses`, the run stops once more
         requests than that have finished without attaining their SLO (the records of the
-        rest are then missing): a search only needs to know the target was missed."""
+        rest are then missing): a search only needs to know the target was missed. With
+        `max_concurrency`, as the bench client: a request is sent only when fewer than that
+        are in flight, else when one finishes (its clock starts then)."""
         pending = sorted(specs, key=lambda s: s.arrival)
         records: dict[str, RequestRecord] = {}
         i, end, misses = 0, 0.0, 0
+        in_flight, slot_free_at = 0, 0.0
         while max_misses is None or misses <= max_misses:
             busy = [x for x in self.instances if x.busy]
-            next_arrival = pending[i].arrival if i < len(pending) else float("inf")
+            next_arrival = float("inf")
+            if i < len(pending) and (max_concurrency is None or in_flight < max_concurrency):
+                next_arrival = max(pending[i].arrival, slot_free_at)
             next_kv = self._handoffs[0][0] if self._handoffs else float("inf")
             first = min(busy, key=lambda x: x.clock) if busy else None
             if first is None and i == len(pending) and not self._handoffs:
@@ -144,7 +150,10 @@ class Cluster:
                 self._import(*heapq.heappop(self._handoffs))
                 continue
             if next_arrival <= first_clock:
-                self._dispatch(pending[i], records)
+                spec = pending[i]
+                if spec.arrival < next_arrival:  # waited for a free slot at the client
+                    spec = dataclasses.replace(spec, arrival=next_arrival)
+                in_flight += self._dispatch(spec, records)
                 i += 1
                 continue
             for request in first.step(min(next_arrival, next_kv)):
@@ -152,6 +161,8 @@ class Cluster:
                     record = _record(request, records[request.request_id])
                     records[request.request_id] = record
                     misses += not record.attained
+                    in_flight -= 1
+                    slot_free_at = first.clock
                 elif first.role == "prefill":
                     self._hand_off(first, request)
             end = max(end, first.clock)
@@ -179,7 +190,8 @@ class Cluster:
             target.clock = max(target.clock, ready)
         target.scheduler.kv_arrived(request_id)
 
-    def _dispatch(self, spec: RequestSpec, records: dict[str, RequestRecord]) -> None:
+    def _dispatch(self, spec: RequestSpec, records: dict[str, RequestRecord]) -> bool:
+        """Hand a request to an instance; False if it could never run there."""
         request = make_request(spec, self.max_model_len)
         # one instance: no choice to make (and no queue to sum per arrival)
         index = 0 if len(self.instances) == 1 else self.router.route_prompt(
@@ -195,6 +207,7 @@ class Cluster:
         except ValueError as e:  # could never run here (too long): an error, as a server says
             record.error = str(e)
         records[request.request_id] = record
+        return not record.error
 
 
 def _record(request: Request, record: RequestRecord) -> RequestRecord:

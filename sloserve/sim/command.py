@@ -8,7 +8,14 @@ import time
 from pathlib import Path
 
 from sloserve.errors import UsageError
-from sloserve.flags import add_dataclass_flags, add_scheduler_flags, from_flags, scheduler_config
+from sloserve.flags import (
+    add_dataclass_flags,
+    add_role_limit_flags,
+    add_scheduler_flags,
+    from_flags,
+    role_overrides,
+    scheduler_config,
+)
 from sloserve.sim.run import Deployment, simulate
 from sloserve.workload import report
 from sloserve.workload.args import add_workload_args, build_requests, effective_rate, plan_rates
@@ -18,6 +25,9 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
     add_workload_args(p)
     add_dataclass_flags(p, Deployment)
     add_scheduler_flags(p)
+    add_role_limit_flags(p.add_argument_group("disaggregated: one role's instances"))
+    p.add_argument("--max-concurrency", type=int, default=None,
+                   help="requests in flight at most, as `sloserve bench` caps them")
     p.add_argument("--goodput-search", action="store_true",
                    help="binary-search the highest rate whose attainment meets --target")
     p.add_argument("--out", default=None)
@@ -27,7 +37,10 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
 def deployment(args: argparse.Namespace) -> Deployment:
     if args.num_instances <= 0:
         raise UsageError("--num-instances must be positive")
-    d = from_flags(Deployment, args, scheduler=scheduler_config(args))
+    if args.max_concurrency is not None and args.max_concurrency <= 0:
+        raise UsageError("--max-concurrency must be positive")
+    d = from_flags(Deployment, args, scheduler=scheduler_config(args),
+                   prefill=role_overrides(args, "prefill"), decode=role_overrides(args, "decode"))
     try:
         d.roles()
     except ValueError as e:
@@ -39,7 +52,7 @@ def run_rate(d: Deployment, args: argparse.Namespace, rate: float | None
              ) -> tuple[float, list, float]:
     _, requests = build_requests(args, rate, with_text=False)
     try:
-        records, duration = simulate(d, requests)
+        records, duration = simulate(d, requests, max_concurrency=args.max_concurrency)
     except ValueError as e:
         raise UsageError(str(e)) from None
     return effective_rate(requests, rate), records, duration

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,8 @@ class Deployment:
                                      "decode; tropical: disagg, and decode instances may take "
                                      "prompts", choices=MODES)
     partition_id: int = setting(1, "instances [0, partition-id) prefill, the rest decode")
+    prefill: Mapping[str, Any] = field(default_factory=dict)  # limits, prefill instances
+    decode: Mapping[str, Any] = field(default_factory=dict)  # limits, decode instances
     transfer_gb_s: float = setting(25.0, "disagg: KV handoff bandwidth, GB/s")
 
     def roles(self) -> list[str]:
@@ -83,20 +86,27 @@ def model_shape(name: str) -> ModelShape:
 
 
 def simulate(d: Deployment, specs: list[RequestSpec], on_plan=None,
-             max_misses: int | None = None) -> tuple[list[RequestRecord], float]:
-    """Records and duration (see Cluster.run for `max_misses`)."""
-    latency, blocks = latency_model(d)
-    instance = InstanceConfig(blocks, d.block_size)
-    scheduler = with_policy_latency(d.scheduler, latency)
-    instances = [SimInstance(scheduler, instance, latency, on_plan, role=role)
-                 for role in d.roles()]
+             max_misses: int | None = None, max_concurrency: int | None = None
+             ) -> tuple[list[RequestRecord], float]:
+    """Records and duration (see Cluster.run for `max_misses` and `max_concurrency`)."""
+    latency, _ = latency_model(d)
+    instances = []
+    for role in d.roles():  # each role with its own limits, as `serve --prefill-...` gives
+        limits = {"prefill": d.prefill, "decode": d.decode}.get(role, {})
+        memory = {k: v for k, v in limits.items() if k == "gpu_memory_utilization"}
+        role_d = dataclasses.replace(d, **memory)
+        scheduler = dataclasses.replace(d.scheduler, **{k: v for k, v in limits.items()
+                                                        if k not in memory})
+        instances.append(SimInstance(with_policy_latency(scheduler, latency),
+                                     InstanceConfig(latency_model(role_d)[1], d.block_size),
+                                     latency, on_plan, role=role))
     per_token = d.kv_bytes_per_token()
 
     def transfer(request) -> float:
         return request.num_computed_tokens * per_token / (d.transfer_gb_s * 1e9)
 
     return Cluster(instances, d.router, d.scheduler.max_model_len, transfer,
-                   tropical=d.mode == "tropical").run(specs, max_misses)
+                   tropical=d.mode == "tropical").run(specs, max_misses, max_concurrency)
 
 
 def with_policy_latency(scheduler: SchedulerConfig, latency) -> SchedulerConfig:

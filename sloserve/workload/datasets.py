@@ -97,6 +97,60 @@ def longbench_like(n: int, seed: int = 0, tokens_per_word: float = 1.3) -> tuple
     return tuple(rows)
 
 
+FILE_COLUMNS = ("prompt", "input_len", "output_len", "timestamp")
+
+
+def rows_of_file(path: Path) -> list[dict]:
+    """A user's dataset: JSON Lines, a JSON list of objects, or CSV with a header."""
+    if not path.exists():
+        raise ValueError(f"dataset file {path} does not exist")
+    if path.suffix == ".csv":
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    if path.suffix == ".jsonl":
+        return _jsonl(path)
+    if path.suffix == ".json":
+        rows = json.loads(path.read_text())
+        if isinstance(rows, list) and all(isinstance(r, dict) for r in rows):
+            return rows
+        raise ValueError(f"dataset file {path}: expected a list of objects")
+    raise ValueError(f"dataset file {path}: use .jsonl, .json or .csv")
+
+
+def file_dataset(path: Path, columns: dict[str, str]
+                 ) -> tuple[tuple[str, ...], tuple[TraceRow, ...]]:
+    """(prompt texts, trace rows) of a user's dataset file; `columns` maps prompt |
+    input_len | output_len | timestamp to the file's column names. A prompt column gives
+    text prompts (output caps from output_len when mapped); otherwise input_len gives
+    lengths, as a trace (timestamps in seconds when mapped)."""
+    unknown = set(columns) - set(FILE_COLUMNS)
+    if unknown:
+        raise ValueError(f"columns: unknown {', '.join(sorted(unknown))}; "
+                         f"map any of {', '.join(FILE_COLUMNS)}")
+    if "prompt" not in columns and "input_len" not in columns:
+        raise ValueError("columns: map 'prompt' (text) or 'input_len' (token counts)")
+    rows = rows_of_file(path)
+    if not rows:
+        raise ValueError(f"dataset file {path} has no rows")
+    missing = {c for c in columns.values() if c not in rows[0]}
+    if missing:
+        raise ValueError(f"dataset file {path} has no column {', '.join(sorted(missing))}")
+
+    def number(row: dict, key: str, default: float = 0.0) -> float:
+        try:
+            return float(row[columns[key]]) if key in columns else default
+        except (TypeError, ValueError):
+            raise ValueError(f"dataset file {path}: {columns[key]}={row[columns[key]]!r} "
+                             f"is not a number") from None
+
+    if "prompt" in columns:
+        texts = tuple(str(r[columns["prompt"]]) for r in rows)
+        caps = tuple(TraceRow(0.0, 0, int(number(r, "output_len"))) for r in rows)
+        return texts, caps if "output_len" in columns else ()
+    return (), tuple(TraceRow(number(r, "timestamp"), int(number(r, "input_len")),
+                              int(number(r, "output_len", 128))) for r in rows)
+
+
 @functools.cache
 def tokenizer():
     """SmolLM2's tokenizer (tokenizers library, no torch)."""

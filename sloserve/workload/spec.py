@@ -28,8 +28,10 @@ class SLOClass:
 @dataclass(frozen=True)
 class WorkloadSpec:
     name: str
-    dataset: str  # a text set, a trace, or "synthetic"
+    dataset: str  # a text set, a trace, "synthetic", or "file" (the user's own)
     classes: tuple[SLOClass, ...]
+    file: str | None = None  # dataset "file": JSONL / JSON / CSV, relative to the workload
+    columns: dict = field(default_factory=dict)  # ours -> the file's (datasets.FILE_COLUMNS)
     suffix: str = ""  # appended to text prompts, e.g. " Answer in under 60 words."
     max_tokens: int = 256  # output cap for text prompts
     max_input_tokens: int | None = None  # longer text prompts are skipped; traces clipped
@@ -50,7 +52,13 @@ class WorkloadSpec:
 
     @property
     def is_trace(self) -> bool:
+        """Lengths (and maybe timestamps) rather than prompt texts."""
+        if self.dataset == "file":
+            return "prompt" not in self.columns
         return self.dataset in datasets.TRACES
+
+    def file_dataset(self) -> tuple[tuple[str, ...], tuple[datasets.TraceRow, ...]]:
+        return datasets.file_dataset(Path(self.file), self.columns)
 
 
 @dataclass
@@ -91,11 +99,20 @@ def parse(data: dict, source: str = "") -> WorkloadSpec:
     try:
         classes = tuple(SLOClass(c["name"], float(c.get("share", 1.0)), SLO(**c.get("slo", {})))
                         for c in data.pop("classes", [{"name": "default"}]))
+        if data.get("file") is not None:  # relative to the workload file, as users write it
+            data["file"] = str(Path(source).parent / data["file"]) if source else data["file"]
         spec = WorkloadSpec(classes=classes, **data)
     except (TypeError, KeyError, ValueError) as e:
         raise ValueError(f"workload {source}: {e}") from None
-    if spec.dataset not in (*datasets.TEXT_SETS, *datasets.TRACES, "synthetic"):
+    if spec.dataset not in (*datasets.TEXT_SETS, *datasets.TRACES, "synthetic", "file"):
         raise ValueError(f"workload {source}: unknown dataset {spec.dataset!r}")
+    if (spec.dataset == "file") != (spec.file is not None):
+        raise ValueError(f"workload {source}: a 'file' goes with dataset: file, and back")
+    if spec.file is not None:
+        try:
+            spec.file_dataset()  # a bad file or column is reported now, not mid-run
+        except ValueError as e:
+            raise ValueError(f"workload {source}: {e}") from None
     if not classes or sum(c.share for c in classes) <= 0:
         raise ValueError(f"workload {source}: classes need positive shares")
     return spec
@@ -132,7 +149,8 @@ def _requests(spec: WorkloadSpec, n: int, rng: random.Random, with_text: bool
                      datasets.synthetic_prompt(spec.input_len, rng) if with_text else None)
                 for i in range(n)]
     if spec.is_trace:
-        rows = _cycled(datasets.trace(spec.dataset), n)
+        trace = spec.file_dataset()[1] if spec.file else datasets.trace(spec.dataset)
+        rows = _cycled(trace, n)
         cap = spec.max_input_tokens or 10**9
         return [make(i, min(r.input_len, cap), r.output_len,
                      datasets.synthetic_prompt(min(r.input_len, cap), rng) if with_text else None,
@@ -149,15 +167,20 @@ def _cycled(rows: tuple, n: int) -> list[tuple[float, object]]:
 
 
 def _text_requests(spec: WorkloadSpec, n: int, rng: random.Random) -> list[RequestSpec]:
-    pool = list(datasets.text_prompts(spec.dataset))
+    if spec.file:  # the user's prompts, with their own output caps where the file has them
+        texts, caps = spec.file_dataset()
+        pool = [(t, c.output_len if caps else spec.max_tokens) for t, c in
+                zip(texts, caps or texts)]
+    else:
+        pool = [(t, spec.max_tokens) for t in datasets.text_prompts(spec.dataset)]
     rng.shuffle(pool)
     out, cap = [], spec.max_input_tokens or 10**9
-    for text in pool:
+    for text, max_tokens in pool:
         prompt = text + spec.suffix
         length = datasets.count_tokens(prompt)
         if length <= cap:
-            out.append(RequestSpec(len(out), length, spec.max_tokens, "", SLO(), text=prompt,
-                                   chat=spec.chat))
+            out.append(RequestSpec(len(out), length, max(1, max_tokens), "", SLO(),
+                                   text=prompt, chat=spec.chat))
         if len(out) == n:
             return out
     if not out:

@@ -14,7 +14,13 @@ from sloserve.core.plan import Plan, ScheduledChunk
 from sloserve.core.policies import make_policy
 from sloserve.request import SLO, SamplingParams
 from sloserve.sim.cluster import SAMPLED_TOKEN, Cluster, InstanceConfig, SimInstance, VirtualClock
-from sloserve.sim.run import Deployment, latency_model, plan_log, with_policy_latency
+from sloserve.sim.run import (
+    Deployment,
+    latency_model,
+    plan_log,
+    simulate,
+    with_policy_latency,
+)
 from sloserve.workload.spec import RequestSpec, build, load
 from tests.core.factories import make_request
 
@@ -218,3 +224,21 @@ def test_slice_prices_a_mixed_step_as_the_simulated_gpu_charges_it():
                 + [ScheduledChunk(prompt, 0, 512, False)])
     assert policy.steps.mixed_step_time(64, 512) == pytest.approx(latency.step_time(plan),
                                                                  rel=0.02)
+
+
+def test_sim_caps_requests_in_flight_as_the_bench_client_does():
+    specs = [RequestSpec(i, 64, 8, "c", SLO(), arrival=0.0) for i in range(5)]
+    records, _ = simulate(Deployment(), specs, max_concurrency=1)
+    spans = sorted((r.send_time, r.send_time + r.e2e_ms / 1e3) for r in records)
+    assert all(r.ok for r in records)
+    assert all(start >= end - 1e-9 for (_, end), (start, _) in zip(spans, spans[1:]))
+
+
+def test_sim_takes_per_role_limits_as_serve_does():
+    specs = [RequestSpec(i, 64, 16, "c", SLO(), arrival=0.01 * i) for i in range(8)]
+    plans = []
+    d = Deployment(num_instances=2, mode="disagg", decode={"max_num_seqs": 1})
+    records, _ = simulate(d, specs, on_plan=lambda plan: plans.append(plan))
+    decode_steps = [p for p in plans if all(c.is_decode for c in p.chunks)]
+    assert all(r.ok for r in records) and decode_steps
+    assert max(len(p.chunks) for p in decode_steps) == 1
