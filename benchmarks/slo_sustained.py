@@ -101,8 +101,14 @@ def study(gpu: str, name: str, seed: int) -> dict:
             fcfs_runs[rate] = run(spec, gpu, "fcfs", rate, seed)
         return fcfs_runs[rate]
 
-    caps = {p: capacity(spec, gpu, p, seed, start)[0] for p in BASELINES}
-    caps.update({p: capacity(spec, gpu, p, seed, start, fcfs_at)[0] for p in SLO_POLICIES})
+    caps, probes = {}, {}
+    for p in (*BASELINES, *SLO_POLICIES):
+        caps[p], probes[p] = capacity(spec, gpu, p, seed, start,
+                                      fcfs_at if p in SLO_POLICIES else None)
+    # what 90% alone would allow, before the no-starvation condition (a lower bound: the
+    # highest probed rate that met it)
+    plain = {p: max((r["rate"] for r in probes[p] if r["slo_attainment"] >= TARGET), default=0.0)
+             for p in SLO_POLICIES}
     best = max(SLO_POLICIES, key=caps.get)  # ties: the first (slice, the seed's policy)
     c = caps[best]
     at = {m: run(spec, gpu, best, c * m, seed) for m in (1.0, 1.5, 2.0)}
@@ -113,6 +119,9 @@ def study(gpu: str, name: str, seed: int) -> dict:
     peak = max(r["goodput"] for r in at.values())
     return {
         "capacity_req_s": caps, "best_slo_policy": best,
+        "capacity_at_90pct_alone_req_s": plain,
+        "probes": {p: [(r["rate"], r["slo_attainment"]) for r in tried]
+                   for p, tried in probes.items()},
         "capacity_over_fcfs": c / caps["fcfs"] if caps["fcfs"] else None,
         "capacity_over_chunked": c / caps["chunked"] if caps["chunked"] else None,
         "best_at": {f"{m:g}x": r for m, r in at.items()}, "fcfs_at_capacity": fcfs_at_c,

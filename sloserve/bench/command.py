@@ -9,7 +9,13 @@ from pathlib import Path
 
 from sloserve.errors import UsageError
 from sloserve.workload import report
-from sloserve.workload.args import add_workload_args, build_requests, effective_rate, plan_rates
+from sloserve.workload.args import (
+    add_workload_args,
+    all_at_once,
+    build_requests,
+    effective_rate,
+    plan_rates,
+)
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
@@ -44,10 +50,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
     with tqdm(total=len(rates) * args.num_requests, unit="req") as bar:
         for rate in rates:
             spec, requests = build_requests(args, rate)
-            bar.set_description(f"rate {rate}")
+            burst = all_at_once(requests, rate)
+            bar.set_description("all at once" if burst else f"{effective_rate(requests, rate):g}"
+                                                             " req/s")
             records, duration = asyncio.run(run_requests(config, requests, lambda: bar.update()))
             x = effective_rate(requests, rate)
-            summaries[x] = report.save_rate(folder, x, records, duration)
+            summaries[x] = report.save_rate(folder, x, records, duration, burst)
     run = report.save_run(folder, args.label or model, summaries, args.target, {
         "workload": spec.name, "model": model, "base_url": args.base_url,
         "args": {k: v for k, v in vars(args).items() if k != "func"}})

@@ -18,7 +18,13 @@ from sloserve.flags import (
 )
 from sloserve.sim.run import Deployment, simulate
 from sloserve.workload import report
-from sloserve.workload.args import add_workload_args, build_requests, effective_rate, plan_rates
+from sloserve.workload.args import (
+    add_workload_args,
+    all_at_once,
+    build_requests,
+    effective_rate,
+    plan_rates,
+)
 
 
 def add_sim_args(p: argparse.ArgumentParser) -> None:
@@ -48,14 +54,16 @@ def deployment(args: argparse.Namespace) -> Deployment:
     return d
 
 
-def run_rate(d: Deployment, args: argparse.Namespace, rate: float | None
-             ) -> tuple[float, list, float]:
+def run_rate(d: Deployment, args: argparse.Namespace, rate: float | None, folder: Path
+             ) -> tuple[float, dict]:
+    """Simulate one rate and save it: (its x on plots, its summary)."""
     _, requests = build_requests(args, rate, with_text=False)
     try:
         records, duration = simulate(d, requests, max_concurrency=args.max_concurrency)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    return effective_rate(requests, rate), records, duration
+    x = effective_rate(requests, rate)
+    return x, report.save_rate(folder, x, records, duration, all_at_once(requests, rate))
 
 
 def goodput_search(d: Deployment, args: argparse.Namespace, folder: Path) -> dict[float, dict]:
@@ -63,8 +71,7 @@ def goodput_search(d: Deployment, args: argparse.Namespace, folder: Path) -> dic
     summaries: dict[float, dict] = {}
 
     def attain(rate: float) -> float:
-        x, records, duration = run_rate(d, args, rate)
-        summaries[x] = report.save_rate(folder, x, records, duration)
+        x, summaries[x] = run_rate(d, args, rate, folder)
         return summaries[x]["slo_attainment"]
 
     lo, hi = 0.0, args.request_rate or 1.0
@@ -85,8 +92,7 @@ def cmd_sim(args: argparse.Namespace) -> None:
     else:
         summaries = {}
         for rate in plan_rates(args):
-            x, records, duration = run_rate(d, args, rate)
-            summaries[x] = report.save_rate(folder, x, records, duration)
+            x, summaries[x] = run_rate(d, args, rate, folder)
     hardware = f"{d.gpu} {d.model_shape}" if d.gpu else (d.latency_profile or "CPU profile")
     label = args.label or f"sim {args.policy} on {hardware}"
     run = report.save_run(folder, label, summaries, args.target, {

@@ -50,6 +50,11 @@ def build_requests(args: argparse.Namespace, rate: float | None, with_text: bool
         raise UsageError(str(e)) from None
 
 
+def all_at_once(requests, rate: float | None) -> bool:
+    """No arrival process: every request is sent at the start (a burst, not a rate)."""
+    return rate is None and all(r.arrival == 0 for r in requests)
+
+
 def effective_rate(requests, rate: float | None) -> float:
     """The x of the attainment plot: the configured rate, or what the arrivals amount to."""
     if rate is not None:

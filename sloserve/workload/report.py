@@ -30,15 +30,24 @@ class Run:
 
     @property
     def max_rate_meeting_target(self) -> float | None:
-        ok = [r for r, s in self.summaries.items() if s["slo_attainment"] >= self.target]
+        ok = [r for r, s in self.summaries.items()
+              if s["slo_attainment"] >= self.target and not s.get("all_at_once")]
         return max(ok) if ok else None
 
 
-def save_rate(folder: Path, rate: float, records: list[RequestRecord], duration: float) -> dict:
+def save_rate(folder: Path, rate: float, records: list[RequestRecord], duration: float,
+              all_at_once: bool = False) -> dict:
+    """`all_at_once`: every request was sent at the start; `rate` is then only where the
+    point goes on a plot, and tables label it as a burst, never as a rate."""
     sub = folder / f"rate-{rate:.10g}"
     sub.mkdir(parents=True, exist_ok=True)
     write_csv(records, sub / "requests.csv")
-    return summarize(records, duration)
+    return {**summarize(records, duration), "all_at_once": all_at_once}
+
+
+def rate_label(rate: float, summary: dict) -> str:
+    return f"{summary['num_requests']} at once" if summary.get("all_at_once") \
+        else f"{rate:g} req/s"
 
 
 def save_run(folder: Path, label: str, summaries: dict[float, dict], target: float,
@@ -65,11 +74,14 @@ def load_run(folder: str | Path) -> Run:
 
 
 def table(runs: list[Run]) -> str:
-    lines = [f"{'run':24s} {'rate':>6s} {'attain':>7s} {'goodput':>8s} {'p90 TTFT':>9s} "
-             f"{'p90 TPOT':>9s} {'p90 E2E':>9s}  max rate >= target"]
+    """One line per run and rate; the duration is the whole run's (first send to last
+    token), the figure the llm-serving teams compare."""
+    lines = [f"{'run':24s} {'load':>13s} {'duration':>9s} {'attain':>7s} {'goodput':>8s} "
+             f"{'p90 TTFT':>9s} {'p90 TPOT':>9s} {'p90 E2E':>9s}  max rate >= target"]
     for run in runs:
         for rate, s in sorted(run.summaries.items()):
-            lines.append(f"{run.label[:24]:24s} {rate:6g} {s['slo_attainment']:7.1%} "
+            lines.append(f"{run.label[:24]:24s} {rate_label(rate, s):>13s} "
+                         f"{s['duration_s']:8.1f}s {s['slo_attainment']:7.1%} "
                          f"{s['goodput']:8.3f} {_ms(s['ttft_ms']['p90']):>9s} "
                          f"{_ms(s['tpot_ms']['p90']):>9s} {_ms(s['e2e_ms']['p90']):>9s}  "
                          f"{run.max_rate_meeting_target}")
@@ -136,7 +148,7 @@ def _cdf(ax, runs: list[Run]) -> None:
         values = sorted(r.e2e_ms / 1e3 for r in run.records(rate) if r.ok)
         if values:
             ax.plot(values, [(k + 1) / len(values) for k in range(len(values))],
-                    label=f"{run.label} at {rate:g} req/s")
+                    label=f"{run.label} at {rate_label(rate, run.summaries[rate])}")
     ax.set(xlabel="end-to-end latency (s)", ylabel="fraction of requests",
            title="End-to-end latency CDF", ylim=(0, 1.02))
     ax.legend(fontsize=7)

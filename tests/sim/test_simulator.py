@@ -242,3 +242,12 @@ def test_sim_takes_per_role_limits_as_serve_does():
     decode_steps = [p for p in plans if all(c.is_decode for c in p.chunks)]
     assert all(r.ok for r in records) and decode_steps
     assert max(len(p.chunks) for p in decode_steps) == 1
+
+
+def test_an_all_at_once_run_is_labelled_a_burst_with_its_duration(tmp_path):
+    done = sloserve("sim", "--workload", "edge", "--num-requests", "20", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    header, row = done.stdout.splitlines()[:2]
+    assert "duration" in header and "20 at once" in row and "req/s" not in row
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["max_rate_meeting_target"] is None  # a burst is not a rate

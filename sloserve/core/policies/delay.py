@@ -14,7 +14,16 @@ from sloserve.request import Request
 class DelayPolicy(Policy):
     """New arrivals wait until the oldest has waited `delay_factor` x the latency of the last
     step that ran a prompt (or nothing is running). Preempted requests have their own queue,
-    resumed first and in preemption order, never delayed."""
+    resumed first and in preemption order, never delayed.
+
+    Against the llm-serving formula (vLLM v0's `Scheduler._passed_delay`):
+    - the same: the wait is that of the earliest arrival among the waiting; anything is
+      admitted whenever nothing runs; preempted work is not held back;
+    - the latency is the measured duration of the last step that carried prompt tokens;
+      vLLM takes the time from that step's scheduling to the next scheduling call, which also
+      counts the host's gap between steps (a little longer, so it holds a little longer);
+    - `>=` where vLLM has `>`: with delay_factor 0 both admit at once (vLLM special-cases 0),
+      and on a virtual clock, where a wait can equal the threshold exactly, `>=` admits."""
 
     steady_decode = True
     cli_options = {"delay-factor": ("delay_factor", float, "x the last prompt step's latency")}

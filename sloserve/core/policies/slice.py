@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from sloserve.core.latency import LatencyModel
 from sloserve.core.plan import Plan
@@ -60,16 +60,17 @@ class TokenMask:
     def on(self, request_id: str) -> bool:
         return self.column in self.rows.get(request_id, ())
 
-    def sync(self, needs: dict[str, int]) -> None:
-        """Make the rows those of `needs` (task -> tokens per cycle): finished or deselected
-        tasks leave, new ones join the current cycle at the least loaded offset."""
-        for rid in [rid for rid in self.rows if rid not in needs]:
+    def sync(self, tasks: Sequence[Request], per_cycle: Callable[[Request], int]) -> None:
+        """Make the rows those of `tasks`: finished or deselected tasks leave, new ones join
+        the current cycle at the least loaded offset with per_cycle(task) ones."""
+        wanted = {r.request_id for r in tasks}
+        for rid in [rid for rid in self.rows if rid not in wanted]:
             self._remove(rid)
         was_empty = not self.rows
-        for rid, k in needs.items():
-            if rid not in self.rows:
-                self.per_cycle[rid] = k
-                self._place(rid, k)
+        for r in tasks:
+            if r.request_id not in self.rows:
+                k = self.per_cycle[r.request_id] = per_cycle(r)
+                self._place(r.request_id, k)
         if was_empty and self.rows:  # nothing to merge into: start a cycle of their width
             self.column = 0
             self._rebuild()
@@ -136,6 +137,7 @@ class SlicePolicy(Policy):
             lambda: self.margin.value) if admission_control else None
         self._profile_steps: list[float] = []  # latency.decode_time(b) at index b
         self._types: dict[TypeKey, dict[str, Request]] = {}  # unfinished, arrival order
+        self._key_of: dict[str, TypeKey] = {}  # request id -> its type
         self._version = -1  # the scheduler's version the quotas were solved for
         self.quota: dict[TypeKey, int] = {}  # stage 1's answer: tasks to serve per type
         self.selected: list[Request] = []  # running tasks within their type's quota
@@ -170,12 +172,13 @@ class SlicePolicy(Policy):
         return self.rate(request), self.utility_of(request), request.slo.ttft_ms or math.inf
 
     def on_arrival(self, request: Request) -> None:
-        self._types.setdefault(self._key(request), {})[request.request_id] = request
+        key = self._key_of[request.request_id] = self._key(request)
+        self._types.setdefault(key, {})[request.request_id] = request
 
     def on_finished(self, request: Request) -> None:
-        tasks = self._types.get(self._key(request))
-        if tasks is not None:
-            tasks.pop(request.request_id, None)
+        key = self._key_of.pop(request.request_id, None)
+        if key is not None:
+            self._types[key].pop(request.request_id, None)
 
     def rejection(self, scheduler: SchedulerView, request: Request, now: float) -> str | None:
         return None if self.admission is None else self.admission.rejection(request, now)
@@ -213,7 +216,7 @@ class SlicePolicy(Policy):
         left = dict(self.quota)
         self.selected = []
         for r in running:
-            key = self._key(r)
+            key = self._key_of[r.request_id]
             if left.get(key, 0) > 0:
                 left[key] -= 1
                 self.selected.append(r)
@@ -221,9 +224,8 @@ class SlicePolicy(Policy):
         # Columns are the decode steps of one cycle: as many as fit in the period.
         self.mask.steps_per_cycle = max(1, int(self.period_s / self.decode_time(
             max(1, len(self.selected)))))
-        per_cycle = self.period_s * (1 + self.margin.value)  # the pace keeps this margin
-        self.mask.sync({r.request_id: max(1, math.ceil(self.rate(r) * per_cycle))
-                        for r in self.selected})
+        cycle = self.period_s * (1 + self.margin.value)  # the pace keeps this margin
+        self.mask.sync(self.selected, lambda r: max(1, math.ceil(self.rate(r) * cycle)))
 
     # ---- stage 2 and the mechanism's questions ------------------------------------------------
     def pace_deadline(self, request: Request) -> float:
@@ -243,6 +245,7 @@ class SlicePolicy(Policy):
         still ends within the pace of those, unmarked selected tasks and paused ones
         (work-conserving fill). Everything else pauses this step, keeping its KV."""
         slack = 1 + self.margin.value
+        deadline = {r.request_id: self.pace_deadline(r) for r in self.selected}
         decodes, unmarked, prompts = [], [], []
         for r in self.selected:
             if r.num_pending_tokens > 1:
@@ -251,24 +254,26 @@ class SlicePolicy(Policy):
                 (decodes if self.mask.on(r.request_id) else unmarked).append(r)
         # The step may last until the first selected task's next token falls due (at least
         # one pace): a task due by then decodes now, whatever the mask says.
-        limit = self._step_limit(decodes + unmarked, now)
-        due = [r for r in unmarked if self.pace_deadline(r) <= now + limit]
-        if due:
-            decodes += due
-            unmarked = [r for r in unmarked if self.pace_deadline(r) > now + limit]
+        limit = self._step_limit(decodes + unmarked, deadline, now)
+        due, later = [], []
+        for r in unmarked:
+            (due if deadline[r.request_id] <= now + limit else later).append(r)
+        decodes, unmarked = decodes + due, later
         # prompts in progress take the room in TTFT order, after the decodes; one whose
         # deadline is later than a queued prompt's yields the room to it (admitted next)
         self._candidates = self._queued_candidates()
         urgent = min((self.pace_deadline(r) for r in self._candidates
                       if r.first_token_time is None), default=math.inf)
-        prompts = [r for r in sorted(prompts, key=self.pace_deadline)
-                   if self.pace_deadline(r) <= urgent]
+        prompts = [r for r in sorted(prompts, key=lambda r: deadline[r.request_id])
+                   if deadline[r.request_id] <= urgent]
         context = sum(r.num_tokens for r in decodes)  # long contexts make long steps
         fill = []
         if self.work_conserving:
-            chosen = {r.request_id for r in self.selected}
-            spare = unmarked + [r for r in running
-                                if r.request_id not in chosen and r.num_pending_tokens == 1]
+            spare = unmarked
+            if len(running) > len(self.selected):  # paused tasks: decoded if room is left
+                chosen = {r.request_id for r in self.selected}
+                spare = unmarked + [r for r in running
+                                    if r.request_id not in chosen and r.num_pending_tokens == 1]
             fill = spare[: self._rows_that_fit(len(decodes), context, spare, limit / slack)]
             context += sum(r.num_tokens for r in fill)
         start = prompts[0].num_computed_tokens if prompts else 0  # deep chunks cost more
@@ -288,13 +293,14 @@ class SlicePolicy(Policy):
             lo, hi = (mid, hi) if fits else (lo, mid - 1)
         return lo
 
-    def _step_limit(self, decodes: Sequence[Request], now: float) -> float:
+    def _step_limit(self, decodes: Sequence[Request], deadline: dict[str, float],
+                    now: float) -> float:
         """How long this step may last: until the first of these tasks' next token falls due,
         but never less than the tightest of their paces: a task already behind cannot
         make every later step shorter than one token of its pace (prompts would starve)."""
         if not decodes:
             return math.inf
-        due = min(self.pace_deadline(r) for r in decodes) - now
+        due = min(deadline[r.request_id] for r in decodes) - now
         paces = [r.slo.tpot_ms / 1e3 * self._pace_factor for r in decodes
                  if r.slo.tpot_ms is not None and not r.best_effort]
         return max(due, min(paces, default=math.inf if due == math.inf else 0.0))
