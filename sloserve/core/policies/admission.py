@@ -7,9 +7,9 @@ ahead of it already breaks its TTFT, and sheds queued requests whose TTFT went o
 while they waited. Classes are served by the policy's priority (higher utility first), so the
 queues of lower-utility classes move slowest and their requests are shed first.
 
-The wait estimate is the requests queued ahead in the request's class over the rate at which
-that class's queue has moved while it stood (an exponentially weighted window): no queue, no
-wait, nothing refused.
+The wait estimate is at least the prefill of every prompt queued ahead (a lower bound: no
+queue, no wait, nothing refused), and, behind a real backlog, the backlog over the rate at
+which the request's class's queue has moved while it stood (an exponentially weighted window).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from sloserve.request import Request, RequestStatus
 
 WINDOW_S = 5.0  # memory of the admission-rate estimate
+BACKLOG = 8  # queued ahead in its class before the class's measured rate is trusted
 
 
 class _ClassQueue:
@@ -31,6 +32,7 @@ class _ClassQueue:
     def __init__(self) -> None:
         self.deadlines: list[float] = []
         self.requests: list[Request] = []
+        self.tokens = [0]  # prompt tokens of the entries before each index (prefix sums)
         self.head = 0
         self.served = 0.0
         self.stood = 0.0
@@ -38,6 +40,7 @@ class _ClassQueue:
     def push(self, request: Request, deadline: float) -> None:
         self.deadlines.append(deadline)
         self.requests.append(request)
+        self.tokens.append(self.tokens[-1] + request.num_prompt_tokens)
 
     def trim(self) -> None:
         while self.head < len(self.requests) and not _queued(self.requests[self.head]):
@@ -45,6 +48,7 @@ class _ClassQueue:
             self.head += 1
         if self.head > 64 and self.head * 2 > len(self.requests):
             del self.deadlines[: self.head], self.requests[: self.head]
+            del self.tokens[: self.head]
             self.head = 0
 
     def advance(self, dt: float, decay: float) -> None:
@@ -56,8 +60,10 @@ class _ClassQueue:
         """Requests admitted per second while this queue stood; None until seen ~1 s."""
         return self.served / self.stood if self.stood > 1.0 and self.served > 0 else None
 
-    def count_before(self, deadline: float) -> int:
-        return bisect.bisect_left(self.deadlines, deadline, lo=self.head) - self.head
+    def ahead(self, deadline: float = math.inf) -> tuple[int, int]:
+        """(requests, prompt tokens) queued with an earlier deadline."""
+        end = bisect.bisect_left(self.deadlines, deadline, lo=self.head)
+        return end - self.head, self.tokens[end] - self.tokens[self.head]
 
     def __len__(self) -> int:
         return len(self.requests) - self.head
@@ -125,15 +131,22 @@ class AdmissionControl:
         return None
 
     def estimated_wait(self, request: Request) -> float:
-        """The requests queued ahead of it in its class over the rate its class's queue has
-        been moving at (which already counts what higher priorities take). Before that rate
-        is known, nothing is refused on account of waiting."""
-        if request.slo.ttft_ms is None:
-            return 0.0
-        queue = self._classes.get((self.utility(request), request.slo.ttft_ms))
-        if queue is None or queue.rate is None:
-            return 0.0
-        return queue.count_before(_ttft_deadline(request)) / queue.rate
+        """At least the prefill of every prompt queued ahead of it (its class's earlier
+        ones and all of higher utility); where its class has a real backlog (BACKLOG
+        requests or more), the backlog over the rate its class's queue has been moving at,
+        if that is longer (seats, not prefills, may be what holds the queue)."""
+        utility, deadline = self.utility(request), _ttft_deadline(request)
+        tokens, own, own_rate = 0, 0, None
+        for (u, ttft), queue in self._classes.items():
+            if u > utility or u == utility:
+                n, t = queue.ahead(math.inf if u > utility else deadline)
+                tokens += t
+                if (u, ttft) == (utility, request.slo.ttft_ms):
+                    own, own_rate = n, queue.rate
+        wait = self.prefill_time(tokens) if tokens else 0.0
+        if own >= BACKLOG and own_rate is not None:
+            wait = max(wait, own / own_rate)
+        return wait
 
     def expired(self, now: float) -> Iterator[tuple[Request, str]]:
         """Queue heads that could no longer meet their TTFT even if admitted now."""
