@@ -45,11 +45,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
     try:
         slo = SLO(ttft_ms=args.slo_ttft_ms, tpot_ms=args.slo_tpot_ms,
                   deadline_ms=args.slo_deadline_ms)
-        if args.max_waiting <= 0 or args.request_timeout <= 0:
-            raise ValueError("--max-waiting and --request-timeout must be positive")
+        if min(args.max_waiting, args.request_timeout, args.max_tokens_default) <= 0:
+            raise ValueError("--max-waiting, --request-timeout and --max-tokens-default must "
+                             "be positive")
         config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
                               max_waiting=args.max_waiting,
                               request_timeout_s=args.request_timeout,
+                              max_tokens_default=args.max_tokens_default,
                               served_model_name=args.served_model_name, default_slo=slo)
         engine = cluster_engine(args) if args.mode else LLMEngine(engine_config(args))
         if not args.mode:
@@ -152,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="waiting requests beyond this are refused with 429")
     srv.add_argument("--request-timeout", type=float, default=ServerConfig.request_timeout_s,
                      help="seconds")
+    srv.add_argument("--max-tokens-default", type=int,
+                     default=ServerConfig.max_tokens_default,
+                     help="output cap of a request that sends no max_tokens")
     srv.add_argument("--served-model-name", default=None)
     srv.add_argument("--slo-ttft-ms", type=float, default=None, help="default TTFT objective")
     srv.add_argument("--slo-tpot-ms", type=float, default=None, help="default TPOT objective")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import time
 from collections.abc import Callable, Sequence
@@ -33,17 +34,29 @@ class RequestIntake:
 
     # ---- intake ------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt must not be empty")
-            return self.tokenizer.encode(prompt, add_special_tokens=False)
         if not prompt:
             raise ValueError("prompt must not be empty")
+        if isinstance(prompt, str) or isinstance(prompt[0], dict):
+            self._check_text_size(prompt)
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=False)
         if isinstance(prompt[0], dict):
             return self.apply_chat_template(prompt)
         if not all(isinstance(t, int) and 0 <= t < self.model_config.vocab_size for t in prompt):
             raise ValueError("prompt token ids must be integers within the vocabulary")
         return list(prompt)
+
+    def _check_text_size(self, prompt: str | Sequence[dict]) -> None:
+        """Refuse text that cannot fit the context before tokenizing it (a 10 MB prompt took
+        16 s to tokenize only to be refused): no token spells more characters than the
+        longest in the vocabulary, so text longer than that many per token of context is
+        too long for sure."""
+        chars = len(prompt) if isinstance(prompt, str) else sum(
+            len(m.get("content") or "") for m in prompt if isinstance(m, dict))
+        limit = self.max_model_len * max_chars_per_token(self.tokenizer)
+        if chars > limit:
+            raise ValueError(f"prompt of {chars} characters cannot fit the context of "
+                             f"{self.max_model_len} tokens")
 
     def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> list[int]:
         for m in messages:
@@ -230,6 +243,13 @@ def shipped_profile(device: torch.device, model: str | None) -> LatencyModel | N
         if name in gpu and path.exists():
             return LatencyModel.from_file(path)
     return None
+
+
+@functools.cache
+def max_chars_per_token(tokenizer: Any) -> int:
+    """The most characters one token of this vocabulary can stand for (byte-level pieces
+    spell each byte with one character, so it bounds decoded characters too)."""
+    return max(len(piece) for piece in tokenizer.get_vocab())
 
 
 def eos_token_id(tokenizer: Any, model_config: Any) -> int | None:

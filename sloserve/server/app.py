@@ -39,6 +39,7 @@ class ServerConfig:
     served_model_name: str | None = None  # None: the model's own name
     default_slo: SLO = field(default_factory=SLO)  # objectives for requests that send none
     shutdown_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may finish
+    max_tokens_default: int = 1024  # a request that sends no max_tokens gets at most this
 
 
 class APIError(Exception):
@@ -184,13 +185,26 @@ class _Handler:
         requests, rid = [], uuid.uuid4().hex[:16]
         for p_index, prompt in enumerate(prompts):
             tokens = _or_400(lambda: self.engine.tokenize(prompt), "prompt")
-            max_tokens = body.requested_max_tokens() or self.engine.max_model_len - len(tokens)
+            max_tokens = self._max_tokens(body, len(tokens))
             for i in range(body.n):
                 params = _or_400(lambda: body.sampling_params(max(max_tokens, 1), i), None)
                 requests.append(_or_400(lambda: self.engine.make_request(
                     tokens, params, slo, f"{rid}-{p_index * body.n + i}",
                     priority=body.priority), "prompt"))
         return requests
+
+    def _max_tokens(self, body: GenerationBody, prompt_len: int) -> int:
+        """As vLLM: a cap past the context is a 400 naming both sizes, never silently
+        accepted; no cap: the server's default (--max-tokens-default), within the context."""
+        room = self.engine.max_model_len - prompt_len
+        asked = body.requested_max_tokens()
+        if asked is None:
+            return max(1, min(room, self.config.max_tokens_default))
+        if asked > room:
+            raise APIError(400, f"this model's context is {self.engine.max_model_len} tokens; "
+                                f"the prompt has {prompt_len}, so max_tokens can be at most "
+                                f"{max(room, 0)}, not {asked}", param="max_tokens")
+        return asked
 
     def _submit(self, requests: list) -> list[AsyncIterator[RequestOutput]]:
         streams = []

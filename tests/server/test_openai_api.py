@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 import openai
@@ -78,10 +79,15 @@ def test_n_two_choices_and_slo_extension(client):
     ({"model": MODEL, "messages": HI, "max_tokens": 0}, 400, "max_tokens"),
     ({"model": MODEL, "messages": HI, "slo": {"tpot_ms": -5}}, 400, "tpot_ms"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi " * 2000}]}, 400, "context"),
+    ({"model": MODEL, "messages": HI, "max_tokens": 10**9}, 400, "max_tokens can be at most"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x" * 10**7}]}, 400,
+     "10000000 characters cannot fit"),
 ])
 def test_bad_input_gets_openai_error(server, body, status, words):
+    started = time.monotonic()
     r = httpx.post(f"{server.url}/v1/chat/completions", json=body,
-                   headers={"Authorization": f"Bearer {API_KEY}"})
+                   headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+    assert time.monotonic() - started < 2  # a 10 MB prompt is refused before tokenizing
     assert r.status_code == status
     error = r.json()["error"]
     assert words in error["message"] and error["type"]
@@ -168,7 +174,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits():
 
 
 def test_admission_control_answers_an_unreachable_objective_with_503_at_once():
-    srv = ServerProcess("--policy", "slice")
+    srv = ServerProcess("--policy", "slice", "--max-tokens-default", "3")
     try:
         client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0)
         impossible = {"slo": {"ttft_ms": 0.01, "realtime": True}}  # no prefill is that fast
@@ -183,6 +189,9 @@ def test_admission_control_answers_an_unreachable_objective_with_503_at_once():
         reply = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4,
                                           extra_body=best_effort)
         assert reply.choices[0].text and reply.choices[0].finish_reason == "length"
+        uncapped = client.completions.create(model=MODEL, prompt="Hello",
+                                             extra_body={"ignore_eos": True})
+        assert uncapped.usage.completion_tokens == 3  # --max-tokens-default
         assert srv.metric("request_rejected_total") == 2
         assert srv.metric("kv_cache_usage_perc") == 0.0
     finally:
