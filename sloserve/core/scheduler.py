@@ -168,8 +168,13 @@ class Scheduler:
 
     def _make_room(self, request: Request, n: int, scheduled: set[str], plan: Plan,
                    now: float) -> bool:
-        """Preempt until `request` can grow by `n` tokens; False if it was the victim."""
+        """Preempt until `request` can grow by `n` tokens; False if it was the victim, or if
+        it alone outgrew the whole cache (it then ends, as if at its length limit: preempted,
+        it could never be admitted again)."""
         while not self.blocks.can_append(request, n):
+            if self.running == [request]:
+                self.finish(request, RequestStatus.FINISHED_LENGTH, now)
+                return False
             candidates = [r for r in self.running if r.request_id not in scheduled]
             victim = self.policy.pick_victim(candidates, now)
             self._preempt(victim)
@@ -180,7 +185,7 @@ class Scheduler:
 
     def _admit(self, plan: Plan, budget: int, now: float) -> None:
         step_budget = self.config.max_num_batched_tokens
-        admitted = []
+        admitted: list[Request] = []
         # Candidates are read lazily (a long queue is not copied each step) and leave their
         # queue after the loop, which must not change while it is being read.
         for request in self.policy.admission_order(self.preempted, self.waiting, now):

@@ -198,3 +198,16 @@ def test_aborting_a_request_whose_kv_is_on_its_way_forgets_it():
     scheduler.add_remote(prefilled_elsewhere("r", prompt_len=5))
     scheduler.abort("r", 1.0)
     assert not scheduler.has_unfinished() and not scheduler.kv_arrived("r")
+
+
+def test_a_request_that_outgrows_the_whole_cache_ends_instead_of_hanging():
+    scheduler = make_scheduler(num_blocks=4, block_size=4, prefix_caching=False)
+    request = make_request("long", 10, max_tokens=50)  # 16 tokens of KV, at most
+    scheduler.add(request)
+    now = 0.0
+    while scheduler.has_unfinished() and now < 100:
+        run_step(scheduler, now)
+        now += 1
+    assert request.status == RequestStatus.FINISHED_LENGTH
+    assert request.num_tokens == 17  # its last token needed no KV of its own
+    assert scheduler.blocks.num_used_blocks == 0

@@ -222,8 +222,8 @@ def test_slice_prices_a_mixed_step_as_the_simulated_gpu_charges_it():
         r.output_token_ids = [1]
     plan = Plan(0.0, [ScheduledChunk(r, r.num_prompt_tokens, 1, True) for r in decodes]
                 + [ScheduledChunk(prompt, 0, 512, False)])
-    assert policy.steps.mixed_step_time(64, 512) == pytest.approx(latency.step_time(plan),
-                                                                 rel=0.02)
+    predicted = policy.steps.mixed_step_time(64, 64 * 1024, 512)
+    assert predicted == pytest.approx(latency.step_time(plan), rel=0.02)
 
 
 def test_sim_caps_requests_in_flight_as_the_bench_client_does():

@@ -253,43 +253,50 @@ class SlicePolicy(Policy):
             else:
                 (decodes if self.mask.on(r.request_id) else unmarked).append(r)
         # The step may last until the first selected task's next token falls due (at least
-        # one pace): a task due by then decodes now, whatever the mask says.
+        # one pace). A task whose token falls due before the end of the step after this one
+        # decodes now, whatever the mask says: skipped now, its token could come no sooner.
         limit = self._step_limit(decodes + unmarked, deadline, now)
         due, later = [], []
         for r in unmarked:
-            (due if deadline[r.request_id] <= now + limit else later).append(r)
+            (due if deadline[r.request_id] <= now + 2 * limit else later).append(r)
         decodes, unmarked = decodes + due, later
         # prompts in progress take the room in TTFT order, after the decodes; one whose
         # deadline is later than a queued prompt's yields the room to it (admitted next)
         self._candidates = self._queued_candidates()
-        urgent = min((self.pace_deadline(r) for r in self._candidates
-                      if r.first_token_time is None), default=math.inf)
-        prompts = [r for r in sorted(prompts, key=lambda r: deadline[r.request_id])
-                   if deadline[r.request_id] <= urgent]
+        urgent = min(((-self.utility_of(r), self.pace_deadline(r)) for r in self._candidates
+                      if r.first_token_time is None), default=(0.0, math.inf))
+        prompts = [r for r in sorted(prompts, key=lambda r: (-self.utility_of(r),
+                                                             deadline[r.request_id]))
+                   if (-self.utility_of(r), deadline[r.request_id]) <= urgent]
         context = sum(r.num_tokens for r in decodes)  # long contexts make long steps
+        start = prompts[0].num_computed_tokens if prompts else 0  # deep chunks cost more
+        self._prefill_room = self._room_for_prefill(len(decodes), context, start,
+                                                    limit / slack)
         fill = []
-        if self.work_conserving:
+        if self.work_conserving:  # decodes ahead of their pace take what prompts leave
             spare = unmarked
             if len(running) > len(self.selected):  # paused tasks: decoded if room is left
                 chosen = {r.request_id for r in self.selected}
                 spare = unmarked + [r for r in running
                                     if r.request_id not in chosen and r.num_pending_tokens == 1]
-            fill = spare[: self._rows_that_fit(len(decodes), context, spare, limit / slack)]
-            context += sum(r.num_tokens for r in fill)
-        start = prompts[0].num_computed_tokens if prompts else 0  # deep chunks cost more
-        self._prefill_room = self._room_for_prefill(len(decodes) + len(fill), context, start,
-                                                    limit / slack)
+            wanted = sum(r.num_pending_tokens for r in prompts) + sum(
+                r.num_tokens for r in self._candidates if r.first_token_time is None)
+            tokens = min(wanted, self._prefill_room)
+            fill = spare[: self._rows_that_fit(len(decodes), context, tokens, start, spare,
+                                               limit / slack)]
         return decodes + prompts + fill
 
-    def _rows_that_fit(self, base: int, context: int, spare: Sequence[Request],
-                       limit: float) -> int:
+    def _rows_that_fit(self, base: int, context: int, prompt_tokens: int, start: int,
+                       spare: Sequence[Request], limit: float) -> int:
         """How many of `spare` (in order) a step of `base` decodes attending to `context`
-        tokens can take and still end within `limit` (step times grow: bisect)."""
+        tokens beside `prompt_tokens` prompt tokens can take and still end within `limit`
+        (step times grow: bisect)."""
         contexts = list(itertools.accumulate((r.num_tokens for r in spare), initial=context))
         lo, hi = 0, len(spare)
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            fits = self.steps.mixed_step_time(base + mid, contexts[mid], 0) <= limit
+            fits = self.steps.mixed_step_time(base + mid, contexts[mid], prompt_tokens,
+                                              start) <= limit
             lo, hi = (mid, hi) if fits else (lo, mid - 1)
         return lo
 
@@ -333,7 +340,8 @@ class SlicePolicy(Policy):
                     n -= 1
                     if n == 0:
                         break
-        return sorted(chosen, key=lambda r: (self.pace_deadline(r), r.arrival_time))
+        return sorted(chosen, key=lambda r: (-self.utility_of(r), self.pace_deadline(r),
+                                             r.arrival_time))
 
     def admission_order(self, preempted: Sequence[Request], waiting: Sequence[Request],
                         now: float) -> Iterable[Request]:
