@@ -42,7 +42,10 @@ def test_greedy_matches_hf_under_every_policy(references, policy):
     prompts, expected = references
     options = {"max_num_batched_tokens": 64} if policy == "chunked" else {}
     llm = LLM(policy=policy, **options)  # chunked: prompts split over several steps
-    slos = [SLO(tpot_ms=50, realtime=i % 3 == 0, ttft_ms=1000) for i in range(len(prompts))]
+    # best effort: on a busy machine admission control could turn these away (tokens, not
+    # timing, are under test here)
+    slos = [SLO(tpot_ms=50, realtime=i % 3 == 0, ttft_ms=1000, on_miss="best_effort")
+            for i in range(len(prompts))]
     engine = llm.engine
     requests = [engine.add_request(p, SamplingParams(max_tokens=MAX_TOKENS, temperature=0), s)
                 for p, s in zip(prompts, slos)]
