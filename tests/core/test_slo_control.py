@@ -148,3 +148,25 @@ def test_no_request_is_refused_while_capacity_is_free():
         for _ in range(10):
             assert not run_step(scheduler, now).rejected
             now += 0.01
+
+
+def test_prompts_still_move_where_decoding_nearly_fills_every_pace():
+    # two real-time decodes take 98 ms of their 100 ms pace on this (slow) machine; a prompt
+    # token costs ~1 ms: without a floor the newcomer's prompt would never get room
+    batches = tuple(range(1, 9))
+    latency = LatencyModel(batches, tuple(0.035 + 0.0315 * b for b in batches), (1, 512),
+                           (0.035, 0.547))
+    scheduler = make_scheduler(policy="slice", policy_options={
+        "latency": latency, "admission_control": False, "ratio": 1.0})
+    for i in range(2):
+        scheduler.add(make_request(f"rt{i}", 4, max_tokens=100,
+                                   slo=SLO(tpot_ms=100, realtime=True)))
+    run_step(scheduler, 0.0)
+    scheduler.add(make_request("new", 64, max_tokens=4, arrival=0.1,
+                               slo=SLO(ttft_ms=2000, tpot_ms=2000)))
+    now, first_token = 0.1, None
+    while first_token is None and now < 5.0:
+        run_step(scheduler, now)
+        now += 0.1
+        first_token = scheduler.get("new").first_token_time
+    assert first_token is not None and first_token < 1.0

@@ -36,6 +36,7 @@ from sloserve.core.policies.pacing import CalibratedSteps
 from sloserve.core.policies.selection import TaskType, choose
 from sloserve.request import Request, RequestStatus
 
+PROMPT_SHARE = 0.25  # of a decode step that a prompt chunk may always add
 TypeKey = tuple[float, float, float]  # (rate, utility, TTFT objective in ms)
 
 
@@ -272,6 +273,14 @@ class SlicePolicy(Policy):
         start = prompts[0].num_computed_tokens if prompts else 0  # deep chunks cost more
         self._prefill_room = self._room_for_prefill(len(decodes), context, start,
                                                     limit / slack)
+        if (prompts or self._candidates) and limit < math.inf:
+            # Where decoding alone nearly fills every pace (a slow machine), prompts still
+            # move: a chunk may stretch the step by up to PROMPT_SHARE of it, so TTFT
+            # deadlines are weighed against paces instead of losing to them every step.
+            step = self.steps.mixed_step_time(len(decodes), context, 0)
+            floor = self._room_for_prefill(len(decodes), context, start,
+                                           step * (1 + PROMPT_SHARE))
+            self._prefill_room = max(self._prefill_room, floor)
         fill = []
         if self.work_conserving:  # decodes ahead of their pace take what prompts leave
             spare = unmarked
