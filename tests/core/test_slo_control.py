@@ -170,3 +170,18 @@ def test_prompts_still_move_where_decoding_nearly_fills_every_pace():
         now += 0.1
         first_token = scheduler.get("new").first_token_time
     assert first_token is not None and first_token < 1.0
+
+
+def test_slice_never_idles_with_work_queued_even_when_no_task_fits_the_cycle():
+    # one decode step takes 100 ms: no 20 tok/s task fits, best effort or not
+    scheduler = make_scheduler(policy="slice", policy_options={
+        "latency": linear_latency(0.095, 0.005), "admission_control": False})
+    requests = [make_request(f"r{i}", 4, max_tokens=3, slo=SLO(tpot_ms=50)) for i in range(3)]
+    requests[2].best_effort = True
+    for r in requests:
+        scheduler.add(r)
+    now = 0.0
+    while scheduler.has_unfinished() and now < 10:
+        run_step(scheduler, now)
+        now += 0.1
+    assert all(r.status == RequestStatus.FINISHED_LENGTH for r in requests)

@@ -36,6 +36,7 @@ from sloserve.core.policies.pacing import CalibratedSteps
 from sloserve.core.policies.selection import TaskType, choose
 from sloserve.request import Request, RequestStatus
 
+BEST_EFFORT_UTILITY = 1e-6
 PROMPT_SHARE = 0.25  # of a decode step that a prompt chunk may always add
 TypeKey = tuple[float, float, float]  # (rate, utility, TTFT objective in ms)
 
@@ -164,7 +165,7 @@ class SlicePolicy(Policy):
 
     def utility_of(self, request: Request) -> float:
         if request.best_effort:
-            return 0.0  # served from spare capacity only
+            return BEST_EFFORT_UTILITY  # worth less than any on-time task, more than nothing
         if request.slo.utility is not None:
             return request.slo.utility
         return self.realtime_utility if request.slo.realtime else self.utility
@@ -193,6 +194,9 @@ class SlicePolicy(Policy):
         types = [TaskType(rate, utility, len(self._types[key]), ttft)
                  for key in keys for rate, utility, ttft in [key]]
         counts = choose(types, self._steps(limit + 1), self.ratio, limit)
+        if types and not any(counts):  # not even one task fits the cycle: never idle,
+            best = max(range(len(types)), key=lambda i: (types[i].utility, -types[i].rate))
+            counts[best] = 1  # serve the most valuable one (admission control sheds the rest)
         return dict(zip(keys, counts))
 
     def _steps(self, n: int) -> list[float]:
