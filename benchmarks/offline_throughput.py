@@ -2,6 +2,8 @@
 
 Same 32 chat prompts (Vicuna questions), 64 output tokens each (ignore EOS), same process,
 same weights (the embedded SmolLM2, float32). Prints tokens/s of both and the ratio.
+`--quantization int4` runs sloserve with 4-bit projection weights against the same float32 HF
+baseline and writes offline_throughput_int4.json.
 """
 
 from __future__ import annotations
@@ -55,8 +57,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--num-prompts", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--quantization", choices=("none", "int4"), default="none")
     args = parser.parse_args()
-    llm = LLM()
+    llm = LLM(quantization=args.quantization)
     questions = vicuna_questions()[: args.num_prompts]
     prompts = [llm.engine.apply_chat_template([{"role": "user", "content": q}])
                for q in questions]
@@ -66,8 +69,10 @@ def main() -> None:
     print(f"sloserve: {ours:8.1f} output tokens/s")
     print(f"HF generate (static batch): {hf:8.1f} output tokens/s")
     print(f"ratio: {ratio:.2f}x (target >= 1.5)")
-    path = save("offline_throughput", {
-        "num_prompts": len(prompts), "output_len": args.output_len,
+    name = "offline_throughput" + ("" if args.quantization == "none" else "_int4")
+    path = save(name, {
+        "quantization": args.quantization, "num_prompts": len(prompts),
+        "output_len": args.output_len,
         "sloserve_tokens_per_s": round(ours, 1), "hf_tokens_per_s": round(hf, 1),
         "ratio": round(ratio, 2)})
     print(f"wrote {path}")

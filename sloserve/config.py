@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "int4")
 
 
 def setting(default: Any, help: str, **cli: Any) -> Any:
@@ -53,6 +54,9 @@ class EngineConfig:
                                       "(default: the embedded SmolLM2-135M-Instruct)")
     dtype: str = setting("auto", "auto: float32 on the CPU, bfloat16 on a GPU", choices=DTYPES)
     device: str = setting("auto", "auto: cuda when available, else cpu")
+    quantization: str = setting("none", "int4: 4-bit projection weights in groups of 32, "
+                                        "bfloat16 activations (CPU only)",
+                                choices=QUANTIZATIONS)
     block_size: int = setting(16, "tokens per KV block")
     num_kv_blocks: int | None = setting(None, "KV blocks (default: from the memory settings)")
     kv_cache_memory_gb: float = setting(1.0, "KV cache size on the CPU")
@@ -69,6 +73,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}")
         if self.block_size <= 0 or self.tensor_parallel_size <= 0:
             raise ValueError("block_size and tensor_parallel_size must be positive")
         if not 0 < self.gpu_memory_utilization <= 1:

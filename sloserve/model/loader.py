@@ -23,6 +23,7 @@ from sloserve.model.config import NAMED_SHAPES, ModelConfig
 from sloserve.model.cpu import tune_for_cpu
 from sloserve.model.decoder import DecoderLM, Rotary
 from sloserve.model.families import family
+from sloserve.model.quant import quantize_model_int4
 from sloserve.model.tensor_parallel import local_config, shard_state
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -106,7 +107,7 @@ def resolve(spec: str | None) -> tuple[str, Path | None, dict | None]:
 
 def load(spec: str | None, dtype: torch.dtype, device: torch.device,
          block_size: int, attention_backend: str = "auto", tp_rank: int = 0,
-         tp_size: int = 1) -> LoadedModel:
+         tp_size: int = 1, quantization: str = "none") -> LoadedModel:
     """The model (this rank's shard of it when tp_size > 1) with the full model's config."""
     name, folder, dummy = resolve(spec)
     hf_config = dummy if dummy is not None else json.loads((folder / "config.json").read_text())
@@ -120,6 +121,10 @@ def load(spec: str | None, dtype: torch.dtype, device: torch.device,
         model.load_state_dict(_read_weights(folder, config, dtype, device))
     if tp_size > 1:
         model = _shard(model, decoder, tp_rank, tp_size)
+    if quantization == "int4":
+        if device.type != "cpu":
+            raise ValueError("--quantization int4 runs on the CPU only")
+        quantize_model_int4(model)
     if device.type == "cpu":
         tune_for_cpu(model)
     return LoadedModel(model.eval(), config, _tokenizer(folder), name)

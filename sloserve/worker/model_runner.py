@@ -31,7 +31,8 @@ class ModelRunner:
         self.block_size = config.block_size
         self.device, self.dtype = config.torch_device, config.torch_dtype
         self.loaded = loader.load(config.model, self.dtype, self.device, config.block_size,
-                                  config.attention_backend, rank, self.size)
+                                  config.attention_backend, rank, self.size,
+                                  config.quantization)
         self.model = self.loaded.model
         self.num_blocks = self._size_kv_cache(config)
         c = self.model.config
