@@ -75,16 +75,13 @@ class Int4Linear(nn.Module):
         return out if self.bias is None else out + self.bias
 
 
-def quantize_model_int4(model: nn.Module) -> int:
-    """Swap the decoder's projection linears for Int4Linear in place; how many were swapped.
+def quantize_model_int4(model: nn.Module) -> None:
+    """Swap the decoder's projection linears for Int4Linear in place.
     The embedding and the (often tied) LM head stay float: they set the logits' precision."""
     if not int4_available():
         raise ValueError("--quantization int4 needs torch's CPU int4 kernel (torch >= 2.6)")
-    swapped = 0
     for module in list(model.modules()):
         for name in QUANTIZED_LINEARS:
             linear = getattr(module, name, None)
             if isinstance(linear, nn.Linear) and linear.in_features % GROUP == 0:
                 setattr(module, name, Int4Linear(linear))
-                swapped += 1
-    return swapped
