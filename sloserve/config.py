@@ -57,6 +57,8 @@ class EngineConfig:
     quantization: str = setting("none", "int4: 4-bit projection weights in groups of 32, "
                                         "bfloat16 activations (CPU only)",
                                 choices=QUANTIZATIONS)
+    threads: int | None = setting(None, "CPU threads for the model's kernels (default: "
+                                        "torch's, one per physical core)")
     block_size: int = setting(16, "tokens per KV block")
     num_kv_blocks: int | None = setting(None, "KV blocks (default: from the memory settings)")
     kv_cache_memory_gb: float = setting(1.0, "KV cache size on the CPU")
@@ -77,6 +79,8 @@ class EngineConfig:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}")
         if self.block_size <= 0 or self.tensor_parallel_size <= 0:
             raise ValueError("block_size and tensor_parallel_size must be positive")
+        if self.threads is not None and self.threads <= 0:
+            raise ValueError("threads must be positive")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
 

@@ -33,6 +33,7 @@ class ClientConfig:
     ignore_eos: bool = False
     temperature: float = 0.0
     timeout_s: float = 600.0
+    extra_body: dict | None = None  # merged into every request, e.g. {"cache_prompt": False}
 
     @property
     def v1(self) -> str:
@@ -103,6 +104,7 @@ def _body(config: ClientConfig, model: str, spec: RequestSpec) -> tuple[str, dic
             "stream": True, "stream_options": {"include_usage": True}}
     if config.ignore_eos:
         body["ignore_eos"] = True
+    body.update(config.extra_body or {})
     if config.send_slo:
         slo = {k: v for k, v in (("ttft_ms", spec.slo.ttft_ms), ("tpot_ms", spec.slo.tpot_ms),
                                  ("deadline_ms", spec.slo.deadline_ms)) if v is not None}

@@ -7,6 +7,7 @@ cache through a backend. q/k/v and gate/up projections are fused into one matmul
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -77,15 +78,22 @@ class Rotary(nn.Module):
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """x: [tokens, heads, dim]. HF layout: the two halves of a head form the pairs."""
+    def at(self, positions: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The rotation of one step's tokens, applied by every layer: the cos / sin rows are
+        gathered once a step, not once a layer. It maps x: [tokens, heads, dim] to x rotated
+        (HF layout: the two halves of a head form the pairs)."""
         if self.fused:
-            triton_ops.rotary_(x, positions, self.cos, self.sin)
-            return x
+            def rotate_in_place(x: torch.Tensor) -> torch.Tensor:
+                triton_ops.rotary_(x, positions, self.cos, self.sin)
+                return x
+            return rotate_in_place
         cos = self.cos[positions][:, None, :]
         sin = self.sin[positions][:, None, :]
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+        def rotate(x: torch.Tensor) -> torch.Tensor:
+            x1, x2 = x.float().chunk(2, dim=-1)
+            return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+        return rotate
 
 
 class Attention(nn.Module):
@@ -100,10 +108,10 @@ class Attention(nn.Module):
         self.backend = backend
         self.scale = self.dim ** -0.5
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary,
+    def forward(self, x: torch.Tensor, rope: Callable[[torch.Tensor], torch.Tensor],
                 cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x).view(-1, self.heads + 2 * self.kv_heads, self.dim)
-        qk = rotary(positions, qkv[:, : self.heads + self.kv_heads])  # q and k in one pass
+        qk = rope(qkv[:, : self.heads + self.kv_heads])  # q and k in one pass
         q, k = qk.split([self.heads, self.kv_heads], dim=1)
         v = qkv[:, self.heads + self.kv_heads:]
         out = self.o_proj(self.backend.forward(q, k, v, cache, meta, self.scale)
@@ -137,12 +145,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, residual, positions, rotary, cache, meta
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x, residual, rope, cache, meta) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns this layer's output and the residual stream before it (added by the next
         norm, so that add and norm are one fused kernel on the GPU)."""
         h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, positions, rotary, cache, meta)
+        h = self.self_attn(h, rope, cache, meta)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -167,8 +174,9 @@ class DecoderLM(nn.Module):
                 logits_indices: torch.Tensor) -> torch.Tensor:
         """Logits (float32) of the tokens at `logits_indices` only."""
         x, residual = self.embed_tokens(input_ids), None
+        rope = self.rotary.at(positions)
         for layer, cache in zip(self.layers, kv_caches):
-            x, residual = layer(x, residual, positions, self.rotary, cache, meta)
+            x, residual = layer(x, residual, rope, cache, meta)
         x, _ = self.norm(x[logits_indices], residual[logits_indices])
         return self.lm_head(x).float()
 

@@ -30,6 +30,8 @@ class ModelRunner:
         self.size = config.tensor_parallel_size
         self.block_size = config.block_size
         self.device, self.dtype = config.torch_device, config.torch_dtype
+        if config.threads and self.device.type == "cpu":
+            torch.set_num_threads(config.threads)
         self.loaded = loader.load(config.model, self.dtype, self.device, config.block_size,
                                   config.attention_backend, rank, self.size,
                                   config.quantization)

@@ -1,4 +1,5 @@
-"""4-bit weights: the grid round-trips, the kernel multiplies by that grid, and the quantized
+"""4-bit weights: the grid round-trips, the kernel multiplies by that grid, the int8 head keeps
+float logits where they decide, and the quantized
 embedded model still answers like the float one."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from sloserve import LLM, SamplingParams
 from sloserve.model.quant import (
     GROUP,
     Int4Linear,
+    Int8Head,
     dequantize_groups,
     int4_available,
     quantize_groups,
@@ -47,6 +49,24 @@ def test_int4_linear_multiplies_by_the_dequantized_weight():
         expected = F.linear(x, reference_weight, linear.bias)
         # activations and scales run in bfloat16: about 3 significant digits
         torch.testing.assert_close(layer(x), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_int8_head_gives_float_logits_at_its_top_tokens():
+    """The int8 kernel ranks; the top tokens' logits are float32's, so greedy picks are."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 5000, bias=False)
+    head = Int8Head(linear)
+    for rows in (1, 3, 40):  # the int8 kernel, then the bfloat16 copy
+        x = torch.randn(rows, 64) * 4
+        with torch.no_grad():
+            expected, logits = F.linear(x, linear.weight), head(x)
+        top = expected.topk(4, dim=-1).indices
+        # float32 both, summed in another order
+        torch.testing.assert_close(logits.gather(1, top), expected.gather(1, top),
+                                   rtol=1e-5, atol=1e-5)
+        assert torch.equal(logits.argmax(-1), expected.argmax(-1))
+        # everywhere else: close (the ranking), not exact
+        torch.testing.assert_close(logits, expected, rtol=5e-2, atol=0.1)
 
 
 def test_quantized_model_answers_like_the_float_one(llm):

@@ -174,7 +174,7 @@ def test_fused_norm_and_rotary_match_torch_ops():
     rotary = Rotary(ModelConfig.from_hf(NAMED_SHAPES["qwen2-tiny"])).to(DEVICE)
     qkv = torch.randn(7, 8, 32, generator=generator).to(DEVICE)  # 4 q, 2 k, 2 v heads
     positions = torch.tensor([0, 1, 2, 50, 51, 900, 3], device=DEVICE)
-    expected = rotary(positions, qkv[:, :6])
+    expected = rotary.at(positions)(qkv[:, :6])
     rotary.fused = True
-    rotary(positions, qkv[:, :6])  # in place, through the token stride of qkv
+    rotary.at(positions)(qkv[:, :6])  # in place, through the token stride of qkv
     torch.testing.assert_close(qkv[:, :6], expected)

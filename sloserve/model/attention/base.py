@@ -6,7 +6,7 @@ each multi-token chunk. The cache of one layer is [2, num_blocks, block_size, kv
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -24,6 +24,8 @@ class AttentionMetadata:
     max_query_len: int
     prefills: list[tuple[int, int, int]]  # host copy for the torch backend: (query start,
     #                                       query len, start position) per multi-token chunk
+    # a backend's per-step values (masks, ...): the first layer computes, the others reuse
+    per_step: dict = field(default_factory=dict)
 
 
 class AttentionBackend:

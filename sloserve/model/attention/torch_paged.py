@@ -41,8 +41,14 @@ class TorchPagedAttention(AttentionBackend):
                 scale: float) -> torch.Tensor:
         n = meta.num_decodes
         k, v = self._gather(cache, meta.block_tables[:n])  # [B, L, kvh, d]
-        positions = torch.arange(k.shape[1], device=q.device)
-        mask = (positions[None, :] < meta.seq_lens[:n, None])[:, None, None, :]
+        mask = meta.per_step.get("decode_mask")
+        if mask is None:
+            positions = torch.arange(k.shape[1], device=q.device)
+            beyond = positions[None, :] >= meta.seq_lens[:n, None]
+            # additive, in q's dtype: SDPA would convert a boolean mask in every layer
+            mask = torch.zeros(beyond.shape, dtype=q.dtype, device=q.device).masked_fill_(
+                beyond, float("-inf"))[:, None, None, :]
+            meta.per_step["decode_mask"] = mask
         out = F.scaled_dot_product_attention(
             q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
             scale=scale, enable_gqa=True)
