@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import sys
 
-from sloserve.config import ClusterConfig, parse_replica_spec
+from sloserve.config import ClusterConfig, EngineConfig, parse_replica_spec
 from sloserve.errors import UsageError
 from sloserve.flags import (
     add_dataclass_flags,
@@ -37,10 +37,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from sloserve.engine import LLMEngine
-    from sloserve.profiler import calibrate
     from sloserve.request import SLO
     from sloserve.server import ServerConfig, serve
+    from sloserve.server.engine_process import EngineProcess
 
     try:
         slo = SLO(ttft_ms=args.slo_ttft_ms, tpot_ms=args.slo_tpot_ms,
@@ -53,9 +52,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
                               request_timeout_s=args.request_timeout,
                               max_tokens_default=args.max_tokens_default,
                               served_model_name=args.served_model_name, default_slo=slo)
-        engine = cluster_engine(args) if args.mode else LLMEngine(engine_config(args))
-        if not args.mode:
-            calibrate(engine)
+        if args.mode:
+            engine = cluster_engine(args)
+        else:  # in a process of its own, as vLLM's engine core: no GIL shared with HTTP
+            engine = EngineProcess(calibrated_engine, engine_config(args))
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from None
     try:
@@ -64,6 +64,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise UsageError(str(e)) from None
     finally:
         engine.shutdown()  # tensor-parallel ranks, Ray actors
+
+
+def calibrated_engine(config: EngineConfig):
+    """The engine `serve` runs (in its engine process), with a latency profile if its policy
+    prices steps."""
+    from sloserve.engine import LLMEngine
+    from sloserve.profiler import calibrate
+
+    engine = LLMEngine(config)
+    calibrate(engine)
+    return engine
 
 
 def cluster_engine(args: argparse.Namespace):

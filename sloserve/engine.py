@@ -135,6 +135,12 @@ class LLMEngine(RequestIntake):
             s, policy_options={**s.policy_options, "latency": latency}), self.blocks)
         self.needs_latency_profile = False
 
+    def reset_scheduler(self) -> None:
+        """A fresh scheduler of the same settings, e.g. after warm-up steps that no policy
+        should learn from (call with no request in flight)."""
+        assert not self.scheduler.has_unfinished()
+        self.scheduler = Scheduler(self.scheduler.config, self.blocks)
+
     def shutdown(self) -> None:
         self.runner.shutdown()
 

@@ -19,7 +19,9 @@ def serve(engine: EngineClient, config: ServerConfig) -> None:
     to shutdown_timeout_s, abort the rest, and return.
 
     The engine loop runs on the main thread and the HTTP server on a second one: torch's CPU
-    matmuls run about 25% faster from the main thread (benchmarks/server_overhead.py).
+    matmuls run about 25% faster from the main thread (benchmarks/server_overhead.py). With
+    an engine_process.EngineProcess, the engine steps in its own process and the main
+    thread only receives its outputs.
     """
     import uvicorn
 

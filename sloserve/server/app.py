@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 import uuid
@@ -19,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sloserve.interface import EngineClient, Prompt, RequestOutput
 from sloserve.request import SLO
-from sloserve.server.engine_loop import EngineLoop, QueueFull, Rejected
+from sloserve.server.engine_loop import EngineLoop, QueueFull, Rejected, TimedOut
 from sloserve.server.metrics import ServerMetrics
 from sloserve.server.protocol import (
     ChatCompletionRequest,
@@ -62,7 +63,9 @@ def build_app(engine: EngineClient, config: ServerConfig, engine_thread: bool = 
     False, in which case the caller runs `app.state.loop.run()` itself."""
     model_name = config.served_model_name or engine.model_name
     metrics = ServerMetrics(engine, model_name)
-    loop = EngineLoop(engine, config.max_waiting, on_finish=metrics.record)
+    # An engine in its own process (engine_process.EngineProcess) brings its own loop.
+    make_loop = getattr(engine, "engine_loop", functools.partial(EngineLoop, engine))
+    loop = make_loop(config.max_waiting, on_finish=metrics.record)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -168,11 +171,11 @@ class _Handler:
             raise APIError(404, f"model {body.model!r} does not exist; this server serves "
                                 f"{self.model_name!r}", param="model")
         requests = self._make_requests(body, prompts)
-        streams = self._submit(requests)
+        streams = self._submit(requests, self.config.request_timeout_s)
         base = _ResponseBase(
             ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, int(time.time()),
             self.model_name, chat)
-        merged = await _first_answer(_merge(streams, self.config.request_timeout_s))
+        merged = await _first_answer(_merge(streams))
         firsts = requests[:: body.n]  # one request per prompt, for prompt token counts
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -206,11 +209,11 @@ class _Handler:
                                 f"{max(room, 0)}, not {asked}", param="max_tokens")
         return asked
 
-    def _submit(self, requests: list) -> list[AsyncIterator[RequestOutput]]:
+    def _submit(self, requests: list, timeout: float) -> list[AsyncIterator[RequestOutput]]:
         streams = []
         try:
             for request in requests:
-                streams.append(self.loop.add(request))
+                streams.append(self.loop.add(request, timeout))
         except QueueFull as e:
             for request in requests[: len(streams)]:
                 self.loop.abort(request.request_id)
@@ -250,9 +253,25 @@ async def _first_answer(merged: AsyncIterator) -> AsyncIterator:
     return replay()
 
 
-async def _merge(streams: list[AsyncIterator[RequestOutput]], timeout: float
+async def _merge(streams: list[AsyncIterator[RequestOutput]]
                  ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Interleave the outputs of several requests as they come, tagged by choice index."""
+    try:
+        if len(streams) == 1:  # the common case: no task and queue hop per token
+            try:
+                async for out in streams[0]:
+                    yield 0, out
+            finally:  # closing the stream aborts its request if it has not finished
+                await streams[0].aclose()
+            return
+        async for item in _interleave(streams):
+            yield item
+    except TimedOut as e:
+        raise APIError(408, str(e), "timeout") from None
+
+
+async def _interleave(streams: list[AsyncIterator[RequestOutput]]
+                      ) -> AsyncIterator[tuple[int, RequestOutput]]:
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
@@ -264,14 +283,10 @@ async def _merge(streams: list[AsyncIterator[RequestOutput]], timeout: float
         await queue.put((index, None))
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    deadline = time.monotonic() + timeout
     try:
         remaining = len(tasks)
         while remaining:
-            try:
-                index, item = await asyncio.wait_for(queue.get(), deadline - time.monotonic())
-            except TimeoutError:
-                raise APIError(408, f"request timed out after {timeout:g} s", "timeout") from None
+            index, item = await queue.get()
             if item is None:
                 remaining -= 1
             elif isinstance(item, Exception):

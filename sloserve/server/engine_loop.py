@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sloserve.interface import EngineClient, RequestOutput
 from sloserve.request import Request
@@ -28,10 +28,26 @@ class Rejected(Exception):
     """Admission control found the request's objective out of reach: answer 503."""
 
 
+class TimedOut(Exception):
+    """The request ran past the server's request timeout: answer 408."""
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue  # RequestOutput, or an Exception that ends the stream
+    request: Request
+    text: str = ""  # cumulative, where the engine sends only what is new (engine_process.py)
+    token_ids: list[int] = field(default_factory=list)
+
+
+def _coalesce(earlier: RequestOutput, later: RequestOutput | Exception
+              ) -> RequestOutput | Exception:
+    """Two outputs of one request as one (the later's state, both deltas' text)."""
+    if isinstance(later, Exception):
+        return later
+    later.delta_text = earlier.delta_text + later.delta_text
+    return later
 
 
 def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
@@ -63,22 +79,31 @@ class EngineLoop:
     def num_waiting(self) -> int:
         return self.engine.stats().num_waiting + self._inbox.qsize()
 
-    def add(self, request: Request) -> AsyncIterator[RequestOutput]:
-        """Queue a validated request; returns its output stream. Raises QueueFull."""
+    def add(self, request: Request, timeout: float | None = None
+            ) -> AsyncIterator[RequestOutput]:
+        """Queue a validated request; returns its output stream, which raises TimedOut once
+        `timeout` seconds have passed. Raises QueueFull."""
         if self._stopping:
             raise QueueFull("the server is shutting down")
         if self.num_waiting >= self.max_waiting:
             raise QueueFull(f"{self.num_waiting} requests are already waiting")
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        loop = asyncio.get_running_loop()
+        stream = _Stream(loop, asyncio.Queue(), request)
         self._streams[request.request_id] = stream
-        self._inbox.put(("add", request))
-        self._wake.set()
-        return self._iterate(request.request_id, stream)
+        self._post("add", request)
+        # One timer per request, not a wait_for per token: that made a task per token.
+        timer = None if timeout is None else loop.call_later(
+            timeout, stream.queue.put_nowait, TimedOut(f"request timed out after {timeout:g} s"))
+        return self._iterate(request.request_id, stream, timer)
 
-    async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
+    async def _iterate(self, request_id: str, stream: _Stream,
+                       timer: asyncio.TimerHandle | None) -> AsyncIterator[RequestOutput]:
         try:
             while True:
                 item = await stream.queue.get()
+                while not stream.queue.empty() and isinstance(item, RequestOutput):
+                    # the client fell behind by steps: one merged output, not a backlog
+                    item = _coalesce(item, stream.queue.get_nowait())
                 if isinstance(item, Exception):
                     raise item
                 if item.finish_reason == "rejected":
@@ -89,20 +114,25 @@ class EngineLoop:
                 if item.finished:
                     return
         finally:  # the consumer left early (disconnect, timeout): free the request
+            if timer is not None:
+                timer.cancel()
             if self._streams.pop(request_id, None) is not None:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
-        self._wake.set()
+        self._post("abort", request_id)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Abort what is left, end every stream with an error, and join the thread."""
         self._stopping = True
-        self._inbox.put(("stop", None))
-        self._wake.set()
+        self._post("stop", None)
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def _post(self, op: str, arg: object) -> None:
+        """Hand an operation to the engine's side: "add", "abort" or "stop"."""
+        self._inbox.put((op, arg))
+        self._wake.set()
 
     # ---- the engine thread -------------------------------------------------------------
     def run(self) -> None:

@@ -173,8 +173,9 @@ def test_sigterm_finishes_in_flight_requests_then_exits():
     assert b"Application shutdown complete" in srv.proc.stdout.read()
 
 
-def test_admission_control_answers_an_unreachable_objective_with_503_at_once():
-    srv = ServerProcess("--policy", "slice", "--max-tokens-default", "3")
+def test_admission_control_503_and_request_timeout_408():
+    srv = ServerProcess("--policy", "slice", "--max-tokens-default", "3",
+                        "--request-timeout", "2")
     try:
         client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0)
         impossible = {"slo": {"ttft_ms": 0.01, "realtime": True}}  # no prefill is that fast
@@ -192,6 +193,10 @@ def test_admission_control_answers_an_unreachable_objective_with_503_at_once():
         uncapped = client.completions.create(model=MODEL, prompt="Hello",
                                              extra_body={"ignore_eos": True})
         assert uncapped.usage.completion_tokens == 3  # --max-tokens-default
+        with pytest.raises(openai.APIStatusError) as err:  # ~50 ms a token: past 2 s
+            client.completions.create(model=MODEL, prompt="Hello", max_tokens=1000,
+                                      extra_body={"ignore_eos": True})
+        assert err.value.status_code == 408 and "timed out" in err.value.message
         assert srv.metric("request_rejected_total") == 2
         assert srv.metric("kv_cache_usage_perc") == 0.0
     finally:
