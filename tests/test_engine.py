@@ -95,3 +95,26 @@ def test_a_policy_that_prices_steps_gets_this_machines_profile():
     latency = other.engine.scheduler.policy.steps.latency
     assert "qwen2-tiny" in latency.source and latency.decode_batch == (1, 8, 32)
     assert other.generate("Hi", SamplingParams(max_tokens=3, ignore_eos=True))[0].token_ids
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_incremental_text_equals_one_decode_and_stops_at_a_stop_string(llm, fast):
+    from sloserve.detokenizer import IncrementalDetokenizer
+
+    tokenizer = llm.engine.tokenizer
+    text = "Héllo wörld! 日本語 🙂 def f(x): return x**2\nSTOP here"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer(tokenizer)
+    if not fast:
+        detok._stream = None  # the window decode, for tokenizers without a Rust backend
+    pieces = [detok.push([t]) for t in ids]
+    assert "".join(pieces) == detok.text == tokenizer.decode(ids, skip_special_tokens=True)
+    assert all("\ufffd" not in p for p in pieces)  # half characters are held back
+    stopping = IncrementalDetokenizer(tokenizer, stop=("STOP",))
+    if not fast:
+        stopping._stream = None
+    for t in ids:
+        stopping.push([t])
+        if stopping.stopped:
+            break
+    assert stopping.stopped and stopping.text == text[:text.index("STOP")]

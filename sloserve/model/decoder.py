@@ -123,6 +123,7 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     all_reduce = False  # True on a tensor-parallel shard
+    fused = False  # True: SiLU(gate) * up in one Triton kernel (GPU path)
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -130,8 +131,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        out = self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)
+        if self.fused:
+            out = self.down_proj(triton_ops.silu_and_mul(gate_up))
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            out = self.down_proj(F.silu(gate) * up)
         if self.all_reduce:  # tensor parallel: each rank summed over its own columns
             dist.all_reduce(out)
         return out
@@ -186,7 +191,7 @@ class DecoderLM(nn.Module):
             layer.self_attn.all_reduce = layer.mlp.all_reduce = True
 
     def use_fused_ops(self, fused: bool) -> None:
-        """Triton kernels for RMSNorm and rotary (GPU), or plain torch ops."""
+        """Triton kernels for RMSNorm, rotary and the MLP's activation (GPU), or torch ops."""
         for module in self.modules():
-            if isinstance(module, (RMSNorm, Rotary)):
+            if isinstance(module, (RMSNorm, Rotary, MLP)):
                 module.fused = fused

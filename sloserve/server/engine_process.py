@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing as mp
+import os
 import signal
 import threading
 import time
@@ -189,9 +190,23 @@ def _engine_main(conn: Connection, build: Callable[[Any], Any], arg: Any,
         if warm_up:
             warm_up_engine(engine)
         conn.send(("ready", EngineInfo.of(engine)))
-        EngineCore(engine, conn).run()
+        _run_profiled(EngineCore(engine, conn).run, os.environ.get("SLOSERVE_ENGINE_PROFILE"))
     finally:
         engine.shutdown()
+
+
+def _run_profiled(run: Callable[[], None], path: str | None) -> None:
+    """SLOSERVE_ENGINE_PROFILE=FILE: cProfile the engine process's loop into FILE (pstats),
+    to see where a step's host time goes (benchmarks/vllm_compare.py --profile-engine)."""
+    if not path:
+        return run()
+    import cProfile
+
+    profiler = cProfile.Profile()
+    try:
+        profiler.runcall(run)
+    finally:
+        profiler.dump_stats(path)
 
 
 def warm_up_engine(engine: Any) -> None:

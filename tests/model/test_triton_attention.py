@@ -155,7 +155,7 @@ def test_gpu_bfloat16_model_logits_close_to_torch_backend():
     assert diff <= 0.02 * scale
 
 
-def test_fused_norm_and_rotary_match_torch_ops():
+def test_fused_norm_rotary_and_activation_match_torch_ops():
     from sloserve.model import triton_ops
     from sloserve.model.config import NAMED_SHAPES, ModelConfig
     from sloserve.model.decoder import RMSNorm, Rotary
@@ -178,3 +178,8 @@ def test_fused_norm_and_rotary_match_torch_ops():
     rotary.fused = True
     rotary.at(positions)(qkv[:, :6])  # in place, through the token stride of qkv
     torch.testing.assert_close(qkv[:, :6], expected)
+
+    gate_up = torch.randn(3, 2 * 1500, generator=generator).to(DEVICE)  # > one column block
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(triton_ops.silu_and_mul(gate_up),
+                               torch.nn.functional.silu(gate) * up)

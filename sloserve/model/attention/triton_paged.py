@@ -128,7 +128,12 @@ def _combine_splits_kernel(out_ptr, partial_ptr, stats_ptr, out_stride_t, out_st
 class TritonPagedAttention(AttentionBackend):
     """Same contract as TorchPagedAttention; metadata tensors are int32 on the device."""
 
-    block_n = 64
+    block_n = 64  # keys per loop iteration
+    num_warps, num_stages = 4, 3  # Triton's defaults; benchmarks/gpu_step_profile.py sweeps
+    # Decode steps of up to this many (sequence, KV head) programs: 32 keys an iteration,
+    # 2 warps, 4 stages. H200, Llama-3-8B shape, context 1,024, one layer: batch 64 206 ->
+    # 155 us, batch 1 194 -> 141 us; at batch 256 the defaults stay best (gpu_step_profile).
+    small_decode_programs = 1024
     fused_ops = True  # the model pairs this backend with the fused RMSNorm and rotary kernels
     supports_cuda_graphs = True
 
@@ -162,13 +167,16 @@ class TritonPagedAttention(AttentionBackend):
         grid = (num_seqs, triton.cdiv(meta.max_query_len, block_q) * splits, kv_heads)
         precision = "ieee" if q.dtype == torch.float32 else "tf32"
         block_d = triton.next_power_of_2(dim)
+        block_n, warps, stages = self.block_n, self.num_warps, self.num_stages
+        if meta.max_query_len == 1 and num_seqs * kv_heads <= self.small_decode_programs:
+            block_n, warps, stages = 32, 2, 4
         _paged_attention_kernel[grid](
             out, q, cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), cache.stride(0),
             meta.block_tables.stride(0), partial, stats,
             KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=dim, BLOCK_D=block_d, BLOCK_Q=block_q,
-            BLOCK_M=block_m, BLOCK_N=self.block_n, PAGE=self.block_size, PRECISION=precision,
-            NUM_SPLITS=splits)
+            BLOCK_M=block_m, BLOCK_N=block_n, PAGE=self.block_size, PRECISION=precision,
+            NUM_SPLITS=splits, num_warps=warps, num_stages=stages)
         if splits > 1:
             _combine_splits_kernel[(q.shape[0], heads)](
                 out, partial, stats, out.stride(0), out.stride(1), HEADS=heads, HEAD_DIM=dim,
