@@ -110,12 +110,19 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Callable[[torch.Tensor], torch.Tensor],
                 cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.project(x, rope)
+        return self.output(self.backend.forward(q, k, v, cache, meta, self.scale))
+
+    def project(self, x: torch.Tensor, rope: Callable[[torch.Tensor], torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k (rotated) and v of the step's tokens: [T, heads or kv_heads, dim] views."""
         qkv = self.qkv_proj(x).view(-1, self.heads + 2 * self.kv_heads, self.dim)
         qk = rope(qkv[:, : self.heads + self.kv_heads])  # q and k in one pass
         q, k = qk.split([self.heads, self.kv_heads], dim=1)
-        v = qkv[:, self.heads + self.kv_heads:]
-        out = self.o_proj(self.backend.forward(q, k, v, cache, meta, self.scale)
-                          .reshape(-1, self.heads * self.dim))
+        return q, k, qkv[:, self.heads + self.kv_heads:]
+
+    def output(self, attn: torch.Tensor) -> torch.Tensor:
+        out = self.o_proj(attn.reshape(-1, self.heads * self.dim))
         if self.all_reduce:  # tensor parallel: each rank summed over its own heads
             dist.all_reduce(out)
         return out
@@ -153,9 +160,18 @@ class DecoderLayer(nn.Module):
     def forward(self, x, residual, rope, cache, meta) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns this layer's output and the residual stream before it (added by the next
         norm, so that add and norm are one fused kernel on the GPU)."""
+        (q, k, v), residual = self.before_attention(x, residual, rope)
+        attn = self.self_attn.backend.forward(q, k, v, cache, meta, self.self_attn.scale)
+        return self.after_attention(attn, residual)
+
+    # The two halves around attention: piecewise CUDA graphs capture them (cuda_graphs.py).
+    def before_attention(self, x, residual, rope):
+        """((q, k, v), residual stream) of the layer's input."""
         h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, rope, cache, meta)
-        h, residual = self.post_attention_layernorm(h, residual)
+        return self.self_attn.project(h, rope), residual
+
+    def after_attention(self, attn, residual) -> tuple[torch.Tensor, torch.Tensor]:
+        h, residual = self.post_attention_layernorm(self.self_attn.output(attn), residual)
         return self.mlp(h), residual
 
 
@@ -182,6 +198,11 @@ class DecoderLM(nn.Module):
         rope = self.rotary.at(positions)
         for layer, cache in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, rope, cache, meta)
+        return self.logits(x, residual, logits_indices)
+
+    def logits(self, x: torch.Tensor, residual: torch.Tensor, logits_indices: torch.Tensor
+               ) -> torch.Tensor:
+        """Float32 logits of the rows at logits_indices of the last layer's output."""
         x, _ = self.norm(x[logits_indices], residual[logits_indices])
         return self.lm_head(x).float()
 

@@ -76,3 +76,90 @@ class DecodeGraphs:
         graph, logits = self.graphs[bs]
         graph.replay()
         return logits[:n]
+
+
+MIXED_SIZES = [32, 64, 128, 256, 512, 640, 768, 1024, 1536, 2048]
+
+
+class MixedStepGraphs:
+    """CUDA graphs for steps with prefill chunks: piecewise, as vLLM's, since a mixed step's
+    attention grid depends on its sequences. Each captured token count T has L + 1 graphs:
+    embedding + layer 0 up to attention, then from one layer's attention output to the next
+    layer's q/k/v, ..., then the last layer's MLP. Attention runs eagerly between them on
+    the step's real metadata; the pieces pass activations through static buffers. Eagerly,
+    the ~10 small launches per layer cost ~25 ms of host time a step (H200, Llama-3-8B
+    shape): more than the GPU work of a 512-token prefill. Steps of more than the largest
+    size run eagerly; padded rows compute garbage nobody reads (attention and the KV cache
+    see only the real tokens)."""
+
+    def __init__(self, model: DecoderLM, max_tokens: int):
+        self.model = model
+        self.sizes = [s for s in MIXED_SIZES if s <= max_tokens]
+        c, t = model.config, self.sizes[-1] if self.sizes else 0
+        p = next(model.parameters())
+        buffer = dict(dtype=p.dtype, device=p.device)
+        self.input_ids = torch.zeros(t, dtype=torch.long, device=p.device)
+        self.positions = torch.zeros(t, dtype=torch.long, device=p.device)
+        self.qkv = torch.zeros((t, c.num_heads + 2 * c.num_kv_heads, c.head_dim), **buffer)
+        self.attn = torch.zeros((t, c.num_heads, c.head_dim), **buffer)
+        self.hidden = torch.zeros((t, c.hidden_size), **buffer)
+        self.residual = torch.zeros((t, c.hidden_size), **buffer)
+        self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
+        self._capture()
+
+    def fits(self, num_tokens: int) -> bool:
+        return bool(self.sizes) and num_tokens <= self.sizes[-1]
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        pool = None
+        for size in reversed(self.sizes):  # largest first: the smaller ones reuse its pool
+            pieces = []
+            for piece in range(len(self.model.layers) + 1):
+                self._piece(piece, size)  # warm-up: Triton compiles, cuBLAS picks kernels
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._piece(piece, size)
+                pool = graph.pool()
+                pieces.append(graph)
+            self.graphs[size] = pieces
+
+    def _piece(self, index: int, size: int) -> None:
+        """Piece 0: embedding to layer 0's q/k/v; piece i: layer i-1's attention output to
+        layer i's q/k/v; the last: the last layer's attention output to its MLP output."""
+        layers, residual = self.model.layers, self.residual[:size]
+        rope = self.model.rotary.at(self.positions[:size])
+        if index == 0:
+            x, residual = self.model.embed_tokens(self.input_ids[:size]), None
+        else:
+            x, residual = layers[index - 1].after_attention(self.attn[:size], residual)
+        if index == len(layers):
+            self.hidden[:size].copy_(x)
+        else:
+            (q, k, v), residual = layers[index].before_attention(x, residual, rope)
+            heads, kv_heads = q.shape[1], k.shape[1]
+            self.qkv[:size, :heads].copy_(q)
+            self.qkv[:size, heads:heads + kv_heads].copy_(k)
+            self.qkv[:size, heads + kv_heads:].copy_(v)
+        if residual.data_ptr() != self.residual.data_ptr():  # the fused norms add in place
+            self.residual[:size].copy_(residual)
+
+    @torch.inference_mode()
+    def run(self, step: StepInputs, kv_caches: list[torch.Tensor], meta: AttentionMetadata,
+            logits_indices: torch.Tensor) -> torch.Tensor:
+        """Logits of the rows at logits_indices of a step of n <= the largest size tokens."""
+        n = len(step.input_ids)
+        size = self.sizes[bisect.bisect_left(self.sizes, n)]
+        host = torch.tensor([step.input_ids + [0] * (size - n),
+                             step.positions + [0] * (size - n)], dtype=torch.long)
+        self.input_ids[:size].copy_(host[0], non_blocking=True)
+        self.positions[:size].copy_(host[1], non_blocking=True)
+        pieces = self.graphs[size]
+        pieces[0].replay()
+        for layer, cache, graph in zip(self.model.layers, kv_caches, pieces[1:]):
+            attn = layer.self_attn
+            q, k, v = self.qkv[:n].split([attn.heads, attn.kv_heads, attn.kv_heads], dim=1)
+            self.attn[:n].copy_(attn.backend.forward(q, k, v, cache, meta, attn.scale))
+            graph.replay()
+        return self.model.logits(self.hidden[:n], self.residual[:n], logits_indices)

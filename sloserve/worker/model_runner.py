@@ -19,7 +19,7 @@ from sloserve.model.attention import AttentionMetadata
 from sloserve.model.gpu_memory import kv_blocks_for_gpu
 from sloserve.model.sampler import Sampler
 from sloserve.worker import dist
-from sloserve.worker.cuda_graphs import DecodeGraphs
+from sloserve.worker.cuda_graphs import DecodeGraphs, MixedStepGraphs
 from sloserve.worker.step_inputs import StepInputs, order_chunks, pack
 
 
@@ -42,13 +42,15 @@ class ModelRunner:
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                           for _ in range(c.num_layers)]
         self.sampler = Sampler(self.device)
-        self.graphs = None
+        self.graphs = self.mixed_graphs = None
         # CUDA graphs are single-rank for now: NCCL inside captured graphs is not wired up
         if (self.device.type == "cuda" and not config.enforce_eager and self.size == 1
                 and self.model.backend.supports_cuda_graphs):
             max_blocks = -(-c.max_position_embeddings // config.block_size)
             self.graphs = DecodeGraphs(self.model, self.kv_caches,
                                        config.scheduler.max_num_seqs, max_blocks)
+            self.mixed_graphs = MixedStepGraphs(self.model,
+                                                config.scheduler.max_num_batched_tokens)
 
     def _size_kv_cache(self, config: EngineConfig) -> int:
         """Blocks of this rank's KV heads; every rank runs this in step (the GPU sizing runs
@@ -81,7 +83,12 @@ class ModelRunner:
             logits = self.graphs.run(step)[sampling]
         else:
             ends = torch.tensor(step.query_lens).cumsum(0) - 1
-            logits = self.forward(step, ends[sampling].to(self.device))
+            indices = ends[sampling].to(self.device)
+            if self.mixed_graphs is not None and self.mixed_graphs.fits(len(step.input_ids)):
+                logits = self.mixed_graphs.run(step, self.kv_caches, self.metadata(step),
+                                               indices)
+            else:
+                logits = self.forward(step, indices)
         if not sampling:
             return {}
         requests = [chunks[i].request for i in sampling]
@@ -118,22 +125,25 @@ class ModelRunner:
     # ---- every rank -----------------------------------------------------------------------
     def forward(self, step: StepInputs, logits_indices: torch.Tensor) -> torch.Tensor:
         to = self.device
+        return self.model(torch.tensor(step.input_ids, dtype=torch.long, device=to),
+                          torch.tensor(step.positions, dtype=torch.long, device=to),
+                          self.kv_caches, self.metadata(step), logits_indices)
+
+    def metadata(self, step: StepInputs) -> AttentionMetadata:
+        to = self.device
         i32 = dict(dtype=torch.int32, device=to)
         query_start = [0]
         for n in step.query_lens:
             query_start.append(query_start[-1] + n)
         multi = [(query_start[i], step.query_lens[i], step.seq_lens[i] - step.query_lens[i])
                  for i in range(step.num_single, len(step.query_lens))]
-        meta = AttentionMetadata(
+        return AttentionMetadata(
             slot_mapping=torch.tensor(step.slots, **i32),
             query_start_loc=torch.tensor(query_start, **i32),
             seq_lens=torch.tensor(step.seq_lens, **i32),
             block_tables=pad_tables(step.tables).to(to),
             num_decodes=step.num_single, max_query_len=max(step.query_lens),
             prefills=multi)
-        return self.model(torch.tensor(step.input_ids, dtype=torch.long, device=to),
-                          torch.tensor(step.positions, dtype=torch.long, device=to),
-                          self.kv_caches, meta, logits_indices)
 
     def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """KV of these blocks, every layer: [layers, 2, blocks, block_size, kv_heads, dim]."""

@@ -101,14 +101,18 @@ def free_gpu_memory() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("shape", ["smollm2-135m", "qwen2-tiny"])
-def test_gpu_float32_greedy_equal_to_torch_backend_with_graphs(shape):
+@pytest.mark.parametrize("shape,chunk", [("smollm2-135m", None), ("qwen2-tiny", None),
+                                         ("smollm2-135m", 48)])
+def test_gpu_float32_greedy_equal_to_torch_backend_with_graphs(shape, chunk):
+    """Decode graphs, and piecewise graphs of prefill steps; with chunks of 48 tokens, of
+    steps that mix decodes and prefill chunks (padded to a captured size)."""
     prompts = [[(13 * i + j) % 4000 + 5 for j in range(4 + 37 * i)] for i in range(8)]
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    chunking = dict(policy="chunked", max_num_batched_tokens=chunk) if chunk else {}
     runs = {}
     for backend in ("torch", "triton"):
         llm = LLM(model=f"dummy:{shape}", dtype="float32", attention_backend=backend,
-                  gpu_memory_utilization=0.3, max_num_seqs=16)
+                  gpu_memory_utilization=0.3, max_num_seqs=16, **chunking)
         runs[backend] = [r.token_ids for r in llm.generate(prompts, params)]
         del llm
         free_gpu_memory()
