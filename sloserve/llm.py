@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sloserve.config import EngineConfig
-from sloserve.engine import LLMEngine
+from sloserve.engine import LLMEngine, OverlappedSteps
 from sloserve.interface import Prompt, RequestTimings
 from sloserve.profiler import calibrate
 from sloserve.request import SamplingParams
@@ -41,8 +41,9 @@ class LLM:
             raise ValueError("give one SamplingParams, or one per prompt")
         ids = self._add_all(prompts, params)
         finals = {}
-        while self.engine.has_unfinished():
-            for out in self.engine.step():
+        steps = OverlappedSteps(self.engine)
+        while steps.has_work():
+            for out in steps.step():
                 if out.finished:
                     finals[out.request_id] = GenerationResult(
                         out.request_id, out.prompt_token_ids, out.text, list(out.token_ids),

@@ -7,6 +7,12 @@ import torch
 from sloserve.request import Request
 
 
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a device tensor without waiting for the GPU: torch.tensor(values,
+    device=cuda) synchronizes the stream, which would end the overlap of host and GPU."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 class Sampler:
     def __init__(self, device: torch.device):
         self.device = device
@@ -17,15 +23,20 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
         """logits: [N, vocab] float32, one row per request. Returns one token per row."""
+        return self.sample(logits, requests).tolist()
+
+    def sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """The tokens as a device tensor, enqueued without waiting for the GPU."""
         self._suppress_early_stops(logits, requests)
         tokens = logits.argmax(dim=-1)
         random_rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
         if random_rows:
-            probs = self._probs(logits[random_rows], [requests[i] for i in random_rows])
+            rows = to_device(random_rows, torch.long, logits.device)
+            probs = self._probs(logits[rows], [requests[i] for i in random_rows])
             for row, i in enumerate(random_rows):
                 generator = self._generator(requests[i])
                 tokens[i] = torch.multinomial(probs[row], 1, generator=generator)[0]
-        return tokens.tolist()
+        return tokens
 
     def _suppress_early_stops(self, logits: torch.Tensor, requests: list[Request]) -> None:
         """Before min_tokens, EOS and stop ids cannot be sampled (as vLLM does)."""
@@ -40,16 +51,17 @@ class Sampler:
                 logits[i, banned] = float("-inf")
 
     def _probs(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        temps = torch.tensor([r.sampling_params.temperature for r in requests],
-                             device=logits.device)
+        temps = to_device([r.sampling_params.temperature for r in requests], torch.float32,
+                          logits.device)
         logits = logits / temps[:, None]
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         vocab = logits.shape[-1]
-        top_k = torch.tensor([r.sampling_params.top_k if r.sampling_params.top_k > 0 else vocab
-                              for r in requests], device=logits.device)
+        top_k = to_device([r.sampling_params.top_k if r.sampling_params.top_k > 0 else vocab
+                           for r in requests], torch.long, logits.device)
         ranks = torch.arange(vocab, device=logits.device)[None, :]
         sorted_logits[ranks >= top_k[:, None]] = float("-inf")
-        top_p = torch.tensor([r.sampling_params.top_p for r in requests], device=logits.device)
+        top_p = to_device([r.sampling_params.top_p for r in requests], torch.float32,
+                          logits.device)
         sorted_probs = sorted_logits.softmax(dim=-1)
         # Drop a token when the tokens ranked above it already reach top_p.
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs

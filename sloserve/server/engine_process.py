@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from sloserve.engine import RequestIntake
+from sloserve.engine import OverlappedSteps, RequestIntake
 from sloserve.interface import EngineClient, EngineStats, RequestOutput, RequestTimings
 from sloserve.request import Request
 from sloserve.server.engine_loop import EngineLoop, _put_all
@@ -55,8 +55,10 @@ class EngineInfo:
 
 
 # One request's progress in a step: (id, new token ids, new text, finished, finish reason,
-# timings, error). Cumulative text and tokens are rebuilt on the server side.
-Delta = tuple[str, list[int], str, bool, str | None, RequestTimings, str | None]
+# RequestTimings' fields, error). Cumulative text and tokens are rebuilt on the server side.
+# Plain tuples: pickling a dataclass calls dataclasses.fields() each time, which cost more
+# than the rest of the message (~5 us a request a step).
+Delta = tuple[str, list[int], str, bool, str | None, tuple, str | None]
 
 
 class EngineProcess(RequestIntake):
@@ -148,8 +150,8 @@ class ProcessEngineLoop(EngineLoop):
             self._fail_streams(RuntimeError("the engine process stopped before the request "
                                             "finished"))
 
-    def _receive(self, stats: EngineStats, adds_taken: int, deltas: list[Delta]) -> None:
-        self.engine.latest_stats, self._adds_taken = stats, adds_taken
+    def _receive(self, stats: tuple, adds_taken: int, deltas: list[Delta]) -> None:
+        self.engine.latest_stats, self._adds_taken = EngineStats(*stats), adds_taken
         by_loop: dict[Any, list] = {}
         for rid, new_tokens, delta_text, finished, reason, timings, error in deltas:
             stream = self._streams.get(rid)
@@ -159,7 +161,8 @@ class ProcessEngineLoop(EngineLoop):
             stream.token_ids.extend(new_tokens)
             request = stream.request
             out = RequestOutput(rid, request.prompt_token_ids, stream.text, delta_text,
-                                stream.token_ids, finished, reason, timings, request.slo, error)
+                                stream.token_ids, finished, reason, RequestTimings(*timings),
+                                request.slo, error)
             if finished and self.on_finish is not None and (error is None
                                                             or reason == "rejected"):
                 self.on_finish(out)
@@ -234,13 +237,15 @@ class EngineCore:
         self.sent_tokens: dict[str, int] = {}  # request id -> tokens already sent
 
     def run(self) -> None:
-        while self._take_messages(block=not self.engine.has_unfinished()):
-            if not self.engine.has_unfinished():
+        steps = OverlappedSteps(self.engine)  # step N's outputs go out while N+1 runs
+        while self._take_messages(block=not steps.has_work()):
+            if not steps.has_work():
                 continue
             try:
-                outputs = self.engine.step()
+                outputs = steps.step()
             except Exception as e:  # a broken step must not hang every client
                 log.exception("engine step failed")
+                steps.abandon()
                 self._fail_all(f"engine step failed: {e}")
                 continue
             self._send(outputs)
@@ -281,13 +286,17 @@ class EngineCore:
         deltas = list(extra)
         for out in outputs:
             sent = self.sent_tokens.get(out.request_id, 0)
+            t = out.timings
             deltas.append((out.request_id, out.token_ids[sent:], out.delta_text, out.finished,
-                           out.finish_reason, out.timings, out.error))
+                           out.finish_reason, (t.arrival, t.first_scheduled, t.first_token,
+                                               t.finish, t.tpot, t.kv_transfer), out.error))
             if out.finished:
                 self.sent_tokens.pop(out.request_id, None)
             else:
                 self.sent_tokens[out.request_id] = len(out.token_ids)
-        self.conn.send(("out", self.engine.stats(), self.adds_taken, deltas))
+        s = self.engine.stats()
+        self.conn.send(("out", (s.num_running, s.num_waiting, s.num_preempted, s.kv_cache_usage),
+                        self.adds_taken, deltas))
 
     def _fail_all(self, message: str) -> None:
         for rid in list(self.sent_tokens):
@@ -301,4 +310,4 @@ class EngineCore:
 
     @staticmethod
     def _failure(request_id: str, message: str) -> Delta:
-        return (request_id, [], "", True, "error", RequestTimings(time.monotonic()), message)
+        return (request_id, [], "", True, "error", (time.monotonic(),) + (None,) * 5, message)

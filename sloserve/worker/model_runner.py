@@ -17,7 +17,7 @@ from sloserve.core.plan import Plan
 from sloserve.model import loader
 from sloserve.model.attention import AttentionMetadata
 from sloserve.model.gpu_memory import kv_blocks_for_gpu
-from sloserve.model.sampler import Sampler
+from sloserve.model.sampler import Sampler, to_device
 from sloserve.worker import dist
 from sloserve.worker.cuda_graphs import DecodeGraphs, MixedStepGraphs
 from sloserve.worker.step_inputs import StepInputs, order_chunks, pack
@@ -71,29 +71,36 @@ class ModelRunner:
     # ---- rank 0 ----------------------------------------------------------------------------
     def execute(self, plan: Plan) -> dict[str, int]:
         """Run one step; returns the sampled token of every chunk that samples."""
-        if plan.is_empty:
-            return {}
+        return self.launch(plan).get()
+
+    def launch(self, plan: Plan) -> PendingTokens:
+        """Enqueue one step and its sampling on the device without waiting for it: the host
+        may work on while the GPU runs; PendingTokens.get() waits for the tokens."""
         chunks = order_chunks(plan)
-        step = pack(chunks, self.block_size)
         sampling = [i for i, c in enumerate(chunks) if c.sample]
+        if not chunks:
+            return PendingTokens([], None)
+        step = pack(chunks, self.block_size)
         if self.peers is not None:  # tensor parallel: the other ranks run the same step
             self.peers.broadcast(("step", step))
         if self.graphs is not None and not step.has_multi_token_chunks \
                 and self.graphs.fits(step.num_single):
-            logits = self.graphs.run(step)[sampling]
+            logits = self.graphs.run(step)
+            if len(sampling) < step.num_single:
+                logits = logits[to_device(sampling, torch.long, self.device)]
         else:
             ends = torch.tensor(step.query_lens).cumsum(0) - 1
-            indices = ends[sampling].to(self.device)
+            indices = ends[sampling].to(self.device, non_blocking=True)
             if self.mixed_graphs is not None and self.mixed_graphs.fits(len(step.input_ids)):
                 logits = self.mixed_graphs.run(step, self.kv_caches, self.metadata(step),
                                                indices)
             else:
                 logits = self.forward(step, indices)
         if not sampling:
-            return {}
+            return PendingTokens([], None)
         requests = [chunks[i].request for i in sampling]
-        tokens = self.sampler(logits, requests)
-        return {r.request_id: t for r, t in zip(requests, tokens)}
+        return PendingTokens([r.request_id for r in requests],
+                             self.sampler.sample(logits, requests))
 
     def export_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """KV of these blocks with every KV head (the other ranks send rank 0 theirs):
@@ -125,23 +132,22 @@ class ModelRunner:
     # ---- every rank -----------------------------------------------------------------------
     def forward(self, step: StepInputs, logits_indices: torch.Tensor) -> torch.Tensor:
         to = self.device
-        return self.model(torch.tensor(step.input_ids, dtype=torch.long, device=to),
-                          torch.tensor(step.positions, dtype=torch.long, device=to),
+        return self.model(to_device(step.input_ids, torch.long, to),
+                          to_device(step.positions, torch.long, to),
                           self.kv_caches, self.metadata(step), logits_indices)
 
     def metadata(self, step: StepInputs) -> AttentionMetadata:
-        to = self.device
-        i32 = dict(dtype=torch.int32, device=to)
+        to, i32 = self.device, torch.int32
         query_start = [0]
         for n in step.query_lens:
             query_start.append(query_start[-1] + n)
         multi = [(query_start[i], step.query_lens[i], step.seq_lens[i] - step.query_lens[i])
                  for i in range(step.num_single, len(step.query_lens))]
         return AttentionMetadata(
-            slot_mapping=torch.tensor(step.slots, **i32),
-            query_start_loc=torch.tensor(query_start, **i32),
-            seq_lens=torch.tensor(step.seq_lens, **i32),
-            block_tables=pad_tables(step.tables).to(to),
+            slot_mapping=to_device(step.slots, i32, to),
+            query_start_loc=to_device(query_start, i32, to),
+            seq_lens=to_device(step.seq_lens, i32, to),
+            block_tables=pad_tables(step.tables).to(to, non_blocking=True),
             num_decodes=step.num_single, max_query_len=max(step.query_lens),
             prefills=multi)
 
@@ -170,6 +176,19 @@ class ModelRunner:
             self.write_blocks(block_ids, dist.scatter_heads(
                 None, torch.empty(shape, dtype=self.dtype, device=self.device)))
         return kind != "stop"
+
+
+class PendingTokens:
+    """A launched step's sampled tokens, still on the device until get()."""
+
+    def __init__(self, request_ids: list[str], tokens: torch.Tensor | None):
+        self.request_ids, self.tokens = request_ids, tokens
+
+    def get(self) -> dict[str, int]:
+        """Wait for the step (the host's one sync with it); request id -> token."""
+        if self.tokens is None:
+            return {}
+        return dict(zip(self.request_ids, self.tokens.tolist()))
 
 
 def pad_tables(tables: list[list[int]]) -> torch.Tensor:

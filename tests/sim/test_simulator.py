@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from sloserve.config import SchedulerConfig
 from sloserve.core.latency import LatencyModel
@@ -21,6 +22,7 @@ from sloserve.sim.run import (
     simulate,
     with_policy_latency,
 )
+from sloserve.worker.model_runner import PendingTokens
 from sloserve.workload.spec import RequestSpec, build, load
 from tests.core.factories import make_request
 
@@ -48,6 +50,10 @@ class StandInRunner:
         self.log.append(plan.signature())
         self.clock.now += LATENCY.step_time(plan)
         return {c.request.request_id: SAMPLED_TOKEN for c in plan.chunks if c.sample}
+
+    def launch(self, plan):
+        return PendingTokens(list(tokens := self.execute(plan)), torch.tensor(
+            list(tokens.values()), dtype=torch.long))
 
     def release(self, request_id):
         pass
