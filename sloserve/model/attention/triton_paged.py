@@ -33,7 +33,10 @@ def _write_kv_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr, k_stride, v_stride, plan
         tl.store(cache_ptr + plane_stride + slot * ROW + offs, v, mask=ok)
 
 
-@triton.jit
+# The block table's width changes from step to step; Triton would compile a variant for
+# each of width 1, a multiple of 16, and the rest (~1 s each, in the middle of serving: the
+# first request after start took 1.4 s on the H200).
+@triton.jit(do_not_specialize=["table_stride"])
 def _paged_attention_kernel(
         out_ptr, q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr, scale,
         q_stride_t, q_stride_h, out_stride_t, out_stride_h, plane_stride, table_stride,
