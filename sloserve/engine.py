@@ -275,8 +275,11 @@ class OverlappedSteps:
     100-256, the device idle meanwhile). Each call returns the outputs of the step before;
     call while has_work()."""
 
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, overlap: bool | None = None):
+        """overlap None: on CUDA only (a CPU step runs inside launch(): nothing to overlap,
+        and each output would only come a step later)."""
         self.engine = engine
+        self.overlap = engine.runner.device.type == "cuda" if overlap is None else overlap
         self._done: tuple[list[RequestOutput], list[Request], float] | None = None
 
     def has_work(self) -> bool:
@@ -284,6 +287,8 @@ class OverlappedSteps:
 
     def step(self) -> list[RequestOutput]:
         engine = self.engine
+        if not self.overlap:
+            return engine.step()
         launched = engine.launch() if engine.has_unfinished() else None
         outputs = engine.outputs(*self._done) if self._done is not None else []
         self._done = None

@@ -118,3 +118,30 @@ def test_incremental_text_equals_one_decode_and_stops_at_a_stop_string(llm, fast
         if stopping.stopped:
             break
     assert stopping.stopped and stopping.text == text[:text.index("STOP")]
+
+
+def test_overlapped_steps_give_the_same_outputs_and_survive_an_abort(llm):
+    """OverlappedSteps (on by default on CUDA) forced on: the same texts as plain steps, stop
+    strings included, and a request aborted between its step and its outputs is left out."""
+    from sloserve.engine import OverlappedSteps
+
+    engine = llm.engine
+    params = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=40, temperature=0, stop=("the",))]
+
+    def run(overlap: bool, abort_after: int | None = None) -> dict[str, str]:
+        ids = [engine.add_request(chat(p), params[i % 2]).request_id
+               for i, p in enumerate(CHAT_PROMPTS[:4])]
+        steps, texts, n = OverlappedSteps(engine, overlap), {}, 0
+        while steps.has_work():
+            for out in steps.step():
+                texts[out.request_id] = out.text
+            n += 1
+            if n == abort_after:
+                engine.abort(ids[0])
+        assert engine.blocks.usage == 0
+        return {ids.index(k): v for k, v in texts.items()}
+
+    assert run(overlap=True) == run(overlap=False)
+    aborted = run(overlap=True, abort_after=3)
+    assert aborted[0] != run(overlap=False)[0]  # it stopped early, and nothing failed

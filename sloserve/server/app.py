@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hmac
 import json
 import time
 import uuid
@@ -149,10 +150,13 @@ def _install_auth(app: FastAPI, api_key: str | None) -> None:
     if not api_key:
         return
 
+    expected = f"Bearer {api_key}".encode()
+
     @app.middleware("http")
     async def check_key(request: Request, call_next):
-        if request.url.path.startswith("/v1") and \
-                request.headers.get("authorization") != f"Bearer {api_key}":
+        given = request.headers.get("authorization", "").encode()
+        # compare_digest: the time taken must not tell how much of a guess was right
+        if request.url.path.startswith("/v1") and not hmac.compare_digest(given, expected):
             return error_response(401, "invalid or missing API key", "authentication_error")
         return await call_next(request)
 

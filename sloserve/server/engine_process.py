@@ -145,8 +145,8 @@ class ProcessEngineLoop(EngineLoop):
                     break
                 if kind == "out":
                     self._receive(*payload)
-        finally:
-            self.running = False
+        finally:  # from now on add() refuses, rather than queue for a process that is gone
+            self.running, self._stopping = False, True
             self._fail_streams(RuntimeError("the engine process stopped before the request "
                                             "finished"))
 
