@@ -182,7 +182,11 @@ class ProcessEngineLoop(EngineLoop):
 # ---- the engine process ---------------------------------------------------------------------
 def _engine_main(conn: Connection, build: Callable[[Any], Any], arg: Any,
                  warm_up: bool) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server process decides when to stop
+    # The server process decides when to stop (a process group's SIGTERM, as systemd and
+    # Ctrl-C send, must not kill the steps that in-flight requests wait for); if it dies,
+    # the pipe's end stops this loop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         engine = build(arg)

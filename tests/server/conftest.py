@@ -26,8 +26,10 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "sloserve.cli", "serve", "--port", str(self.port), *args]
+        # a session of its own: a test may signal the server's whole process group
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                     start_new_session=True)
         self._wait_ready()
 
     def _wait_ready(self, timeout: float = 120.0) -> None:

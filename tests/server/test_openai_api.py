@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 
 import httpx
@@ -159,16 +161,18 @@ def test_flood_past_max_waiting_gets_429():
         srv.stop()
 
 
-def test_sigterm_finishes_in_flight_requests_then_exits():
+def test_sigterm_to_the_process_group_finishes_in_flight_requests_then_exits():
+    """As systemd or Ctrl-C signal it: the server and its engine process at once."""
     srv = ServerProcess()
     client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0)
-    stream = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=40,
-                                       temperature=0, stream=True, extra_body={"ignore_eos": True})
-    first = next(iter(stream))
-    srv.proc.terminate()
-    rest = list(stream)
-    assert first.choices[0].text is not None
-    assert rest[-1].choices[0].finish_reason == "length"
+    streams = [client.completions.create(model=MODEL, prompt=f"Story {i}:", max_tokens=40,
+                                         temperature=0, stream=True,
+                                         extra_body={"ignore_eos": True}) for i in range(6)]
+    firsts = [next(iter(s)) for s in streams]
+    os.killpg(srv.proc.pid, signal.SIGTERM)
+    rests = [list(s) for s in streams]
+    assert all(f.choices[0].text is not None for f in firsts)
+    assert all(rest[-1].choices[0].finish_reason == "length" for rest in rests)
     assert srv.proc.wait(30) == 0
     assert b"Application shutdown complete" in srv.proc.stdout.read()
 
