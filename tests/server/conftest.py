@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -46,6 +47,14 @@ class ServerProcess:
             if line.startswith(f"sloserve:{name}{{") or line.startswith(f"sloserve:{name} "):
                 return float(line.rsplit(" ", 1)[1])
         raise KeyError(name)
+
+    def settled_metric(self, name: str, value: float, timeout: float = 5.0) -> float:
+        """The metric once it reads `value` (an abort lands in the engine process within a
+        step or two), or its last reading after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while (reading := self.metric(name)) != value and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return reading
 
     def stop(self) -> None:
         if self.proc.poll() is None:
