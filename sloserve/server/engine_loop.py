@@ -101,7 +101,8 @@ class EngineLoop:
         try:
             while True:
                 item = await stream.queue.get()
-                while not stream.queue.empty() and isinstance(item, RequestOutput):
+                while not stream.queue.empty() and isinstance(item, RequestOutput) \
+                        and not item.finished:  # (a timer's TimedOut may follow the last)
                     # the client fell behind by steps: one merged output, not a backlog
                     item = _coalesce(item, stream.queue.get_nowait())
                 if isinstance(item, Exception):
