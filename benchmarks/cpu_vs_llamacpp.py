@@ -32,7 +32,7 @@ import tarfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save  # noqa: E402
+from common import save, stop_server  # noqa: E402
 
 from sloserve.bench.client import ClientConfig, run_requests, wait_until_healthy  # noqa: E402
 from sloserve.model.loader import embedded_gguf  # noqa: E402
@@ -97,12 +97,7 @@ def serving(command: list[str], name: str):
             wait_until_healthy(f"http://127.0.0.1:{PORT}", proc, timeout=600)
             yield ClientConfig(f"http://127.0.0.1:{PORT}", ignore_eos=True)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_server(proc, 30)
 
 
 def no_cache(config: ClientConfig) -> ClientConfig:

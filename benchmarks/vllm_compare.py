@@ -28,7 +28,9 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine  # noqa: E402
+from common import RESULTS, machine, stop_server  # noqa: E402
+
+from sloserve.bench.client import wait_until_healthy  # noqa: E402
 
 TOOLS = Path(".whl/vllm")
 MODEL_DIR = "/tmp/llama3-8b-dummy"
@@ -70,7 +72,7 @@ def serve_and_load(name: str, cmd: list[str], out: Path, loads=LOADS, env: dict 
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, **env})
     try:
-        _wait_healthy(proc, 240)
+        wait_until_healthy(f"http://127.0.0.1:{PORT}", proc, 240)
         result = {"start_to_health_s": round(time.perf_counter() - start, 1)}
         first = time.perf_counter()
         httpx.post(f"http://127.0.0.1:{PORT}/v1/completions", timeout=60, json={
@@ -85,26 +87,7 @@ def serve_and_load(name: str, cmd: list[str], out: Path, loads=LOADS, env: dict 
             print(name, rate, json.dumps(result[f"rate_{rate:g}"]), flush=True)
         return result
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _wait_healthy(proc: subprocess.Popen, limit: float) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{PORT}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("server not healthy in time")
+        stop_server(proc)
 
 
 def ratios(parts: dict) -> dict:
