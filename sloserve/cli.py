@@ -37,6 +37,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    from sloserve.model.generation_config import generation_defaults
     from sloserve.request import SLO
     from sloserve.server import ServerConfig, serve
     from sloserve.server.engine_process import EngineProcess
@@ -51,6 +52,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
                               max_waiting=args.max_waiting,
                               request_timeout_s=args.request_timeout,
                               max_tokens_default=args.max_tokens_default,
+                              generation_defaults=generation_defaults(args.generation_config,
+                                                                      args.model),
                               served_model_name=args.served_model_name, default_slo=slo)
         if args.mode:
             engine = cluster_engine(args)
@@ -168,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-tokens-default", type=int,
                      default=ServerConfig.max_tokens_default,
                      help="output cap of a request that sends no max_tokens")
+    srv.add_argument("--generation-config", default="auto", metavar="auto|none|FILE",
+                     help="temperature / top_p / top_k for requests that send none: the "
+                          "model's generation_config.json or shipped defaults (auto), OpenAI's "
+                          "(none), or a JSON file's")
     srv.add_argument("--served-model-name", default=None)
     srv.add_argument("--slo-ttft-ms", type=float, default=None, help="default TTFT objective")
     srv.add_argument("--slo-tpot-ms", type=float, default=None, help="default TPOT objective")

@@ -42,6 +42,8 @@ class ServerConfig:
     default_slo: SLO = field(default_factory=SLO)  # objectives for requests that send none
     shutdown_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may finish
     max_tokens_default: int = 1024  # a request that sends no max_tokens gets at most this
+    # temperature / top_p / top_k for requests that omit them (serve --generation-config)
+    generation_defaults: dict[str, float] = field(default_factory=dict)
 
 
 class APIError(Exception):
@@ -194,7 +196,8 @@ class _Handler:
             tokens = _or_400(lambda: self.engine.tokenize(prompt), "prompt")
             max_tokens = self._max_tokens(body, len(tokens))
             for i in range(body.n):
-                params = _or_400(lambda: body.sampling_params(max(max_tokens, 1), i), None)
+                params = _or_400(lambda: body.sampling_params(
+                    max(max_tokens, 1), i, self.config.generation_defaults), None)
                 requests.append(_or_400(lambda: self.engine.make_request(
                     tokens, params, slo, f"{rid}-{p_index * body.n + i}",
                     priority=body.priority), "prompt"))

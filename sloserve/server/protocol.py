@@ -27,14 +27,18 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": -1}
+
+
 class GenerationBody(BaseModel):
     model_config = ConfigDict(extra="ignore")  # unknown OpenAI fields are ignored, as vLLM does
 
     model: str | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
-    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    top_k: int = -1
+    # None: the model's generation defaults (serve --generation-config), else OpenAI's
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    top_k: int | None = None
     n: Annotated[int, Field(ge=1, le=16)] = 1
     seed: int | None = None
     stop: str | list[str] | None = None
@@ -47,11 +51,16 @@ class GenerationBody(BaseModel):
     slo: SLOSpec | None = None
     priority: int = 0
 
-    def sampling_params(self, max_tokens: int, index: int) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, index: int,
+                        defaults: dict[str, float] | None = None) -> SamplingParams:
+        """`defaults`: the model's generation defaults, for the fields the request omits."""
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        defaults = {**OPENAI_DEFAULTS, **(defaults or {})}
+        given = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+        sampling = {k: defaults[k] if v is None else v for k, v in given.items()}
         return SamplingParams(
-            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-            top_k=self.top_k, seed=None if self.seed is None else self.seed + index,
+            max_tokens=max_tokens, **sampling,
+            seed=None if self.seed is None else self.seed + index,
             stop=tuple(stop), stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos, min_tokens=min(self.min_tokens, max_tokens))
 

@@ -201,3 +201,22 @@ def test_admission_control_503_and_request_timeout_408():
         assert srv.settled_metric("kv_cache_usage_perc", 0.0) == 0.0
     finally:
         srv.stop()
+
+
+def test_generation_defaults_fill_only_what_a_request_omits(tmp_path):
+    from sloserve.model.generation_config import generation_defaults
+    from sloserve.server.protocol import CompletionRequest
+
+    assert generation_defaults("auto", None) == {"temperature": 0.2, "top_p": 0.9}  # shipped
+    assert generation_defaults("none", None) == {}
+    own = tmp_path / "generation_config.json"
+    own.write_text('{"temperature": 0, "top_k": 5, "do_sample": false, "top_p": null}')
+    defaults = generation_defaults(str(own), None)
+    assert defaults == {"temperature": 0, "top_k": 5}
+    params = CompletionRequest(prompt="x", top_p=0.5).sampling_params(8, 0, defaults)
+    assert (params.temperature, params.top_p, params.top_k) == (0, 0.5, 5)
+    openai_ones = CompletionRequest(prompt="x").sampling_params(8, 0)
+    assert (openai_ones.temperature, openai_ones.top_p, openai_ones.top_k) == (1.0, 1.0, -1)
+    own.write_text("[1]")
+    with pytest.raises(ValueError, match="JSON object"):
+        generation_defaults(str(own), None)
