@@ -145,3 +145,22 @@ def test_overlapped_steps_give_the_same_outputs_and_survive_an_abort(llm):
     assert run(overlap=True) == run(overlap=False)
     aborted = run(overlap=True, abort_after=3)
     assert aborted[0] != run(overlap=False)[0]  # it stopped early, and nothing failed
+
+
+def test_penalties_follow_vllms_formulas():
+    import torch
+
+    from sloserve.model.sampler import Sampler
+    from sloserve.request import Request
+
+    params = SamplingParams(temperature=0, repetition_penalty=2.0, frequency_penalty=0.5,
+                            presence_penalty=0.25)
+    request = Request("r", prompt_token_ids=[0], sampling_params=params)
+    request.output_token_ids = [1, 3, 3]
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    assert Sampler(torch.device("cpu"))(logits, [request]) == [0]
+    # prompt token 0: 2 / 2; output 1: -1 * 2 - (0.5 + 0.25); unseen 2; output 3 (twice):
+    # 3 / 2 - (2 * 0.5 + 0.25)
+    torch.testing.assert_close(logits, torch.tensor([[1.0, -2.75, 0.5, 0.25]]))
+    with pytest.raises(ValueError, match="presence_penalty"):
+        SamplingParams(presence_penalty=3)

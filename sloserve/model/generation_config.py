@@ -1,6 +1,7 @@
 """Per-model generation defaults, as vLLM's `--generation-config`: what a request that sends
-no temperature / top_p / top_k samples with. OpenAI's own defaults (temperature 1, top_p 1)
-make a small model ramble past any EOS; model authors publish better ones."""
+no temperature / top_p / top_k / repetition_penalty samples with. OpenAI's own defaults
+(temperature 1, top_p 1) make a small model ramble past any EOS; model authors publish
+better ones."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from sloserve.model.loader import resolve
 
-SAMPLING_KEYS = ("temperature", "top_p", "top_k")
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
 SHIPPED = Path(__file__).parent / "generation"  # for models whose files carry none (GGUF)
 
 

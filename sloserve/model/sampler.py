@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 from sloserve.request import Request
@@ -27,6 +29,7 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         """The tokens as a device tensor, enqueued without waiting for the GPU."""
+        self._apply_penalties(logits, requests)
         self._suppress_early_stops(logits, requests)
         tokens = logits.argmax(dim=-1)
         random_rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
@@ -37,6 +40,26 @@ class Sampler:
                 generator = self._generator(requests[i])
                 tokens[i] = torch.multinomial(probs[row], 1, generator=generator)[0]
         return tokens
+
+    def _apply_penalties(self, logits: torch.Tensor, requests: list[Request]) -> None:
+        """Repetition, frequency and presence penalties, in place, on the rows that ask."""
+        device = logits.device
+        for i, r in enumerate(requests):
+            params = r.sampling_params
+            if not params.has_penalties:
+                continue
+            row = logits[i]
+            if params.repetition_penalty != 1.0:
+                seen = to_device(sorted({*r.prompt_token_ids, *r.output_token_ids}),
+                                 torch.long, device)
+                values = row[seen]
+                row[seen] = torch.where(values > 0, values / params.repetition_penalty,
+                                        values * params.repetition_penalty)
+            if r.output_token_ids and (params.frequency_penalty or params.presence_penalty):
+                counts = Counter(r.output_token_ids)
+                ids = to_device(list(counts), torch.long, device)
+                times = to_device(list(counts.values()), logits.dtype, device)
+                row[ids] -= params.frequency_penalty * times + params.presence_penalty
 
     def _suppress_early_stops(self, logits: torch.Tensor, requests: list[Request]) -> None:
         """Before min_tokens, EOS and stop ids cannot be sampled (as vLLM does)."""

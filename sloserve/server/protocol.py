@@ -27,7 +27,8 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": -1}
+OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": -1,
+                   "repetition_penalty": 1.0}
 
 
 class GenerationBody(BaseModel):
@@ -39,6 +40,9 @@ class GenerationBody(BaseModel):
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     top_k: int | None = None
+    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     n: Annotated[int, Field(ge=1, le=16)] = 1
     seed: int | None = None
     stop: str | list[str] | None = None
@@ -56,13 +60,15 @@ class GenerationBody(BaseModel):
         """`defaults`: the model's generation defaults, for the fields the request omits."""
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         defaults = {**OPENAI_DEFAULTS, **(defaults or {})}
-        given = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+        given = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                 "repetition_penalty": self.repetition_penalty}
         sampling = {k: defaults[k] if v is None else v for k, v in given.items()}
         return SamplingParams(
             max_tokens=max_tokens, **sampling,
             seed=None if self.seed is None else self.seed + index,
             stop=tuple(stop), stop_token_ids=tuple(self.stop_token_ids or ()),
-            ignore_eos=self.ignore_eos, min_tokens=min(self.min_tokens, max_tokens))
+            ignore_eos=self.ignore_eos, min_tokens=min(self.min_tokens, max_tokens),
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens

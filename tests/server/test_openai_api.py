@@ -217,6 +217,10 @@ def test_generation_defaults_fill_only_what_a_request_omits(tmp_path):
     assert (params.temperature, params.top_p, params.top_k) == (0, 0.5, 5)
     openai_ones = CompletionRequest(prompt="x").sampling_params(8, 0)
     assert (openai_ones.temperature, openai_ones.top_p, openai_ones.top_k) == (1.0, 1.0, -1)
+    penalised = CompletionRequest(prompt="x", frequency_penalty=1.5, presence_penalty=-1,
+                                  repetition_penalty=1.2).sampling_params(8, 0, defaults)
+    assert (penalised.frequency_penalty, penalised.presence_penalty,
+            penalised.repetition_penalty) == (1.5, -1, 1.2)
     own.write_text("[1]")
     with pytest.raises(ValueError, match="JSON object"):
         generation_defaults(str(own), None)
