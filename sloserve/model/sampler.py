@@ -23,12 +23,9 @@ class Sampler:
     def release(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
 
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
-        """logits: [N, vocab] float32, one row per request. Returns one token per row."""
-        return self.sample(logits, requests).tolist()
-
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """The tokens as a device tensor, enqueued without waiting for the GPU."""
+        """logits: [N, vocab] float32, one row per request. One token per row, as a device
+        tensor enqueued without waiting for the GPU."""
         self._apply_penalties(logits, requests)
         self._suppress_early_stops(logits, requests)
         tokens = logits.argmax(dim=-1)
