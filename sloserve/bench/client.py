@@ -34,6 +34,8 @@ class ClientConfig:
     temperature: float = 0.0
     timeout_s: float = 600.0
     extra_body: dict | None = None  # merged into every request, e.g. {"cache_prompt": False}
+    class_priority: dict[str, int] | None = None  # "priority" per SLO class (vLLM: lower first)
+    cutoff_s: float | None = None  # requests unfinished this long after the start are abandoned
 
     @property
     def v1(self) -> str:
@@ -90,7 +92,18 @@ async def run_requests(config: ClientConfig, specs: list[RequestSpec],
         async def one(spec: RequestSpec) -> RequestRecord:
             await asyncio.sleep(max(0.0, spec.arrival - (time.monotonic() - start)))
             async with limit:
-                record = await _send(http, config, model, spec, start)
+                sending = _send(http, config, model, spec, start)
+                if config.cutoff_s is None:
+                    record = await sending
+                else:  # past capacity a queue drains for minutes: end the run on time
+                    left = config.cutoff_s - (time.monotonic() - start)
+                    try:
+                        record = await asyncio.wait_for(sending, max(0.0, left))
+                    except asyncio.TimeoutError:
+                        record = RequestRecord.start(spec.index, spec.slo_class, spec.slo,
+                                                     spec.arrival)
+                        record.prompt_tokens = spec.prompt_len
+                        record.error = f"unfinished at the run's cut-off ({config.cutoff_s:g} s)"
             if on_done:
                 on_done()
             return record
@@ -105,10 +118,14 @@ def _body(config: ClientConfig, model: str, spec: RequestSpec) -> tuple[str, dic
     if config.ignore_eos:
         body["ignore_eos"] = True
     body.update(config.extra_body or {})
+    if config.class_priority is not None:
+        body["priority"] = config.class_priority.get(spec.slo_class, 0)
     if config.send_slo:
         slo = {k: v for k, v in (("ttft_ms", spec.slo.ttft_ms), ("tpot_ms", spec.slo.tpot_ms),
                                  ("deadline_ms", spec.slo.deadline_ms)) if v is not None}
         body["slo"] = {**slo, "realtime": spec.slo.realtime}
+    if "tokens" in spec.extra:  # a trace's or a length-only workload's token ids
+        return "completions", {**body, "prompt": list(spec.extra["tokens"])}
     if spec.chat:
         return "chat/completions", {**body, "messages": [{"role": "user", "content": spec.text}]}
     return "completions", {**body, "prompt": spec.text}
