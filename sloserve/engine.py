@@ -302,6 +302,11 @@ class OverlappedSteps:
         self._done = None
 
 
+# shapes whose steps cost the same as a profiled one (Llama-3.1 differs from Llama-3 only in
+# its rope scaling and context length)
+SAME_STEP_COSTS = {"llama-3.1-8b": "llama-3-8b"}
+
+
 def shipped_profile(device: torch.device, model: str | None) -> LatencyModel | None:
     """The shipped profile measured on this kind of device with this model, if any."""
     if device.type == "cpu":
@@ -309,8 +314,10 @@ def shipped_profile(device: torch.device, model: str | None) -> LatencyModel | N
     if device.type != "cuda" or not (model or "").startswith("dummy:"):
         return None
     gpu = torch.cuda.get_device_name(device).lower()
+    shape = model.removeprefix("dummy:")
+    shape = SAME_STEP_COSTS.get(shape, shape)
     for name in ("h100", "h200"):
-        path = PROFILES / f"gpu-{name}-{model.removeprefix('dummy:')}.json"
+        path = PROFILES / f"gpu-{name}-{shape}.json"
         if name in gpu and path.exists():
             return LatencyModel.from_file(path)
     return None

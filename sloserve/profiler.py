@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from sloserve.engine import LLMEngine
 
 log = logging.getLogger("sloserve.profiler")
+ATTENTION_PROBE_TOKENS = 4096
 
 
 class _Prompts:
@@ -88,7 +89,18 @@ def profile(engine: LLMEngine, batch_sizes: list[int], prefill_tokens: list[int]
                                 decode[batch_sizes.index(b)]) for b in mixed_batch]
     return LatencyModel(tuple(batch_sizes), tuple(decode), tuple(prefill_tokens), tuple(prefill),
                         context, max(slope, 0.0), tuple(mixed_batch), tuple(mixed),
-                        source=f"sloserve profile, {engine.model_name}")
+                        source=f"sloserve profile, {engine.model_name}",
+                        attention_s_per_pair=attention_cost(prefill_tokens, prefill))
+
+
+def attention_cost(tokens: list[int], seconds: list[float]) -> float:
+    """Seconds per causal-attention pair, from the two longest prefills, t(n) = a n + c n^2/2:
+    what the cost per token gains with length. Prompts under ~2k tokens show launch costs and
+    weight reads instead: 0 (no term) unless the longest reaches ATTENTION_PROBE_TOKENS."""
+    if len(tokens) < 2 or max(tokens) < ATTENTION_PROBE_TOKENS:
+        return 0.0
+    (n1, t1), (n2, t2) = sorted(zip(tokens, seconds))[-2:]
+    return max(0.0, 2 * (t2 / n2 - t1 / n1) / (n2 - n1))
 
 
 def calibrate(engine: LLMEngine) -> None:
@@ -97,4 +109,7 @@ def calibrate(engine: LLMEngine) -> None:
     if engine.needs_latency_profile:
         log.info("measuring this machine's step latency for the %s policy",
                  engine.config.scheduler.policy)
-        engine.use_latency_profile(profile(engine, [1, 8, 32], [32, 256], steps=3))
+        # a GPU prefills 8k tokens in a blink; the two long ones show attention's growth
+        long = [n for n in (2048, 8192) if n < engine.max_model_len
+                and engine.runner.device.type == "cuda"]
+        engine.use_latency_profile(profile(engine, [1, 8, 32], [32, 256, *long], steps=3))

@@ -8,6 +8,7 @@ cycle feasibility; the simulator advances its clock by step_time(plan). Pure Pyt
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,10 @@ class LatencyModel:
     """decode_s[i]: seconds of a step decoding decode_batch[i] requests at `decode_context`
     tokens of context each; prefill_s[i]: seconds of a step prefilling prefill_tokens[i]
     tokens; context_s_per_token: extra decode time per token of context beyond that;
-    mixed_s_per_token[i]: seconds a prompt token adds to a step decoding mixed_batch[i]."""
+    mixed_s_per_token[i]: seconds a prompt token adds to a step decoding mixed_batch[i];
+    attention_s_per_pair: seconds per (prompt token, earlier token) pair of causal attention,
+    the quadratic part of a long prefill that short-prompt points cannot show (a chunk deep in
+    a 28k-token prompt costs ~3x its first chunk on an H200)."""
 
     decode_batch: tuple[int, ...]
     decode_s: tuple[float, ...]
@@ -54,6 +58,7 @@ class LatencyModel:
     mixed_batch: tuple[int, ...] = ()  # decode batch sizes of the mixed-step measurements
     mixed_s_per_token: tuple[float, ...] = ()  # what a prompt token adds to such a step
     source: str = ""
+    attention_s_per_pair: float = 0.0
 
     @classmethod
     def from_file(cls, path: str | Path) -> LatencyModel:
@@ -69,7 +74,8 @@ class LatencyModel:
                        data["decode"].get("context", 128),
                        data["decode"].get("context_s_per_token", 0.0),
                        tuple(mixed.get("batch_sizes", ())),
-                       tuple(mixed.get("s_per_prompt_token", ())), source)
+                       tuple(mixed.get("s_per_prompt_token", ())), source,
+                       data["prefill"].get("attention_s_per_pair", 0.0))
         except (KeyError, TypeError) as e:
             raise ValueError(f"latency profile {source or ''} is malformed: missing {e}") from None
 
@@ -81,7 +87,8 @@ class LatencyModel:
         return {"decode": {"batch_sizes": list(self.decode_batch), "seconds": list(self.decode_s),
                            "context": self.decode_context,
                            "context_s_per_token": self.context_s_per_token},
-                "prefill": {"tokens": list(self.prefill_tokens), "seconds": list(self.prefill_s)},
+                "prefill": {"tokens": list(self.prefill_tokens), "seconds": list(self.prefill_s),
+                            "attention_s_per_pair": self.attention_s_per_pair},
                 "mixed": {"batch_sizes": list(self.mixed_batch),
                           "s_per_prompt_token": list(self.mixed_s_per_token)}}
 
@@ -89,15 +96,26 @@ class LatencyModel:
         """l(b): one decode step of `batch` requests at the profile's context length."""
         return _interp(self.decode_batch, self.decode_s, batch)
 
-    def prefill_time(self, tokens: int) -> float:
-        return _interp(self.prefill_tokens, self.prefill_s, tokens)
+    def prefill_time(self, tokens: int, start: int = 0) -> float:
+        """A prefill of `tokens` prompt tokens after `start` already computed ones."""
+        return (_interp(self.prefill_tokens, self._linear_prefill_s, tokens)
+                + self._attention(tokens, start))
+
+    def _attention(self, tokens: int, start: int) -> float:
+        return self.attention_s_per_pair * tokens * (start + tokens / 2)
+
+    @functools.cached_property
+    def _linear_prefill_s(self) -> tuple[float, ...]:
+        """The profiled prefills less their attention pairs: what grows linearly."""
+        return tuple(s - self._attention(n, 0) for n, s in zip(self.prefill_tokens,
+                                                                 self.prefill_s))
 
     @property
     def _prefill_slope(self) -> float:
-        """Seconds per prompt token between the two longest profiled prefills."""
+        """Seconds per prompt token between the two longest profiled prefills (linear part)."""
         if len(self.prefill_tokens) < 2:
             return float("inf")
-        (t0, t1), (s0, s1) = self.prefill_tokens[-2:], self.prefill_s[-2:]
+        (t0, t1), (s0, s1) = self.prefill_tokens[-2:], self._linear_prefill_s[-2:]
         return (s1 - s0) / (t1 - t0)
 
     def decode_step_time(self, batch: int, total_context: int) -> float:
@@ -106,22 +124,26 @@ class LatencyModel:
         return self.decode_time(batch) + self.context_s_per_token * extra
 
     def step_time(self, plan: Plan) -> float:
-        decodes = context = 0
+        decodes = context = pairs = 0
         for c in plan.chunks:
             if c.is_decode:
                 decodes += 1
                 context += c.start + 1
-        return self.mixed_step_time(decodes, context, plan.num_batched_tokens - decodes)
+            else:
+                pairs += c.num_tokens * c.start  # attention to the chunks before it
+        return (self.mixed_step_time(decodes, context, plan.num_batched_tokens - decodes)
+                + self.attention_s_per_pair * pairs)
 
     def mixed_step_time(self, decodes: int, context: int, prompt_tokens: int,
                         prompt_start: int = 0) -> float:
         """A step decoding `decodes` requests (attending to `context` tokens in all) beside
-        `prompt_tokens` prompt tokens (from `prompt_start`: the profile has no term for it).
+        `prompt_tokens` prompt tokens from position `prompt_start`.
         A decode-only step costs l(b) plus its context beyond the profile's. Prompt tokens
         add what a prefill of them costs beyond the fixed cost of any step (about l(1): one
-        pass over the weights), which decode rows already paid."""
+        pass over the weights), which decode rows already paid, and their attention to the
+        `prompt_start` tokens before them."""
         if not decodes:
-            return self.prefill_time(prompt_tokens)
+            return self.prefill_time(prompt_tokens, prompt_start)
         time = self.decode_step_time(decodes, context)
         if prompt_tokens and self.mixed_batch:  # measured: what a prompt token adds here
             per_token = _clamped(self.mixed_batch, self.mixed_s_per_token, decodes)
@@ -129,8 +151,9 @@ class LatencyModel:
             # measurement (few prompt tokens, an eager step next to graph-replayed decodes)
             # spreads a fixed launch cost over its tokens, 10x the real per-token cost.
             time += prompt_tokens * min(per_token, self._prefill_slope)
+            time += self._attention(prompt_tokens, prompt_start)
         elif prompt_tokens:
-            time += max(0.0, self.prefill_time(prompt_tokens) - self.decode_time(1))
+            time += max(0.0, self.prefill_time(prompt_tokens, prompt_start) - self.decode_time(1))
         return time
 
 
@@ -196,8 +219,9 @@ class RooflineModel:
         ctx = self.decode_context
         return self._time(batch, batch * ctx, batch * self._attention_flops(1, ctx))
 
-    def prefill_time(self, tokens: int) -> float:
-        return self._time(tokens, tokens, self._attention_flops(tokens, tokens / 2))
+    def prefill_time(self, tokens: int, start: int = 0) -> float:
+        return self._time(tokens, start + tokens,
+                          self._attention_flops(tokens, start + tokens / 2))
 
     def decode_step_time(self, batch: int, total_context: int) -> float:
         """A decode-only step of `batch` requests attending to `total_context` tokens."""

@@ -7,8 +7,9 @@ ahead of it already breaks its TTFT, and sheds queued requests whose TTFT went o
 while they waited. Classes are served by the policy's priority (higher utility first), so the
 queues of lower-utility classes move slowest and their requests are shed first.
 
-The wait estimate is at least the prefill of every prompt queued ahead (a lower bound: no
-queue, no wait, nothing refused), and, behind a real backlog, the backlog over the rate at
+The wait estimate is at least the prefill of every prompt queued ahead, each priced alone
+(a lower bound: no queue, no wait, nothing refused; one prompt of their summed length would
+overprice attention, which grows with the square of a prompt's length), and, behind a real backlog, the backlog over the rate at
 which the request's class's queue has moved while it stood (an exponentially weighted window).
 """
 
@@ -32,15 +33,15 @@ class _ClassQueue:
     def __init__(self) -> None:
         self.deadlines: list[float] = []
         self.requests: list[Request] = []
-        self.tokens = [0]  # prompt tokens of the entries before each index (prefix sums)
+        self.prefill = [0.0]  # prefill seconds of the entries before each index (prefix sums)
         self.head = 0
         self.served = 0.0
         self.stood = 0.0
 
-    def push(self, request: Request, deadline: float) -> None:
+    def push(self, request: Request, deadline: float, prefill: float) -> None:
         self.deadlines.append(deadline)
         self.requests.append(request)
-        self.tokens.append(self.tokens[-1] + request.num_prompt_tokens)
+        self.prefill.append(self.prefill[-1] + prefill)
 
     def trim(self) -> None:
         while self.head < len(self.requests) and not _queued(self.requests[self.head]):
@@ -48,7 +49,7 @@ class _ClassQueue:
             self.head += 1
         if self.head > 64 and self.head * 2 > len(self.requests):
             del self.deadlines[: self.head], self.requests[: self.head]
-            del self.tokens[: self.head]
+            del self.prefill[: self.head]
             self.head = 0
 
     def advance(self, dt: float, decay: float) -> None:
@@ -60,10 +61,10 @@ class _ClassQueue:
         """Requests admitted per second while this queue stood; None until seen ~1 s."""
         return self.served / self.stood if self.stood > 1.0 and self.served > 0 else None
 
-    def ahead(self, deadline: float = math.inf) -> tuple[int, int]:
-        """(requests, prompt tokens) queued with an earlier deadline."""
+    def ahead(self, deadline: float = math.inf) -> tuple[int, float]:
+        """(requests, prefill seconds) queued with an earlier deadline."""
         end = bisect.bisect_left(self.deadlines, deadline, lo=self.head)
-        return end - self.head, self.tokens[end] - self.tokens[self.head]
+        return end - self.head, self.prefill[end] - self.prefill[self.head]
 
     def __len__(self) -> int:
         return len(self.requests) - self.head
@@ -92,7 +93,8 @@ class AdmissionControl:
         if ttft is None or request.first_token_time is not None or request.best_effort:
             return
         key = (self.utility(request), ttft)
-        self._classes.setdefault(key, _ClassQueue()).push(request, _ttft_deadline(request))
+        self._classes.setdefault(key, _ClassQueue()).push(
+            request, _ttft_deadline(request), self.prefill_time(request.num_prompt_tokens))
 
     def note(self, now: float) -> None:
         """Called once per step: drop admitted heads, advance each class's rate window."""
@@ -136,14 +138,13 @@ class AdmissionControl:
         requests or more), the backlog over the rate its class's queue has been moving at,
         if that is longer (seats, not prefills, may be what holds the queue)."""
         utility, deadline = self.utility(request), _ttft_deadline(request)
-        tokens, own, own_rate = 0, 0, None
+        wait, own, own_rate = 0.0, 0, None
         for (u, ttft), queue in self._classes.items():
             if u > utility or u == utility:
-                n, t = queue.ahead(math.inf if u > utility else deadline)
-                tokens += t
+                n, seconds = queue.ahead(math.inf if u > utility else deadline)
+                wait += seconds
                 if (u, ttft) == (utility, request.slo.ttft_ms):
                     own, own_rate = n, queue.rate
-        wait = self.prefill_time(tokens) if tokens else 0.0
         if own >= BACKLOG and own_rate is not None:
             wait = max(wait, own / own_rate)
         return wait

@@ -62,8 +62,8 @@ class CalibratedSteps:
     def decode_time(self, batch: int) -> float:
         return self.latency.decode_time(batch) * self.speed
 
-    def prefill_time(self, tokens: int) -> float:
-        return self.latency.prefill_time(tokens) * self.speed
+    def prefill_time(self, tokens: int, start: int = 0) -> float:
+        return self.latency.prefill_time(tokens, start) * self.speed
 
     def mixed_step_time(self, decodes: int, context: int, prompt_tokens: int,
                         prompt_start: int = 0) -> float:
