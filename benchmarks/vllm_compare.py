@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import dataclasses
 import json
 import os
@@ -132,7 +133,9 @@ def slo_sweep(name: str, cmd: list[str], out: Path, rates: list[float]) -> dict:
                 "per_class": {c: round(v["slo_attainment"], 4)
                               for c, v in s["per_class"].items()},
                 "failed": s["failed"], "ttft_p90_ms": s["ttft_ms"]["p90"],
-                "tpot_p90_ms": s["tpot_ms"]["p90"]}
+                "tpot_p90_ms": s["tpot_ms"]["p90"],
+                "errors": collections.Counter(r.error[:60] for r in records
+                                              if r.error).most_common(3)}
             print(name, rate, json.dumps(runs[f"{rate:g}"]), flush=True)
             (out / f"slo_{name}.json").write_text(json.dumps(runs, indent=1))
             if s["slo_attainment"] < SLO_TARGET:

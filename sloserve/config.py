@@ -70,6 +70,8 @@ class EngineConfig:
     tensor_parallel_size: int = setting(1, "shard the model over this many processes "
                                            "(GPUs on CUDA)", aliases=("-tp",))
     enable_prefix_caching: bool = setting(True, "reuse the KV of shared prompt prefixes")
+    log_stats_interval_s: float = setting(10.0, "seconds between the engine's stats lines in "
+                                                "the log (0: none)")
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:

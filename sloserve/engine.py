@@ -21,6 +21,7 @@ from sloserve.core.scheduler import Scheduler
 from sloserve.detokenizer import IncrementalDetokenizer
 from sloserve.interface import EngineStats, Prompt, RequestOutput, RequestTimings
 from sloserve.request import SLO, Request, RequestStatus, SamplingParams
+from sloserve.step_log import StepLog
 from sloserve.worker.model_runner import PendingTokens
 from sloserve.worker.ranks import start_runner
 
@@ -118,6 +119,7 @@ class LLMEngine(RequestIntake):
         self._ids = itertools.count()
         self.clock: Callable[[], float] = time.monotonic
         self.last_step_time = 0.0
+        self.step_log = StepLog(config.log_stats_interval_s)
 
     def _price_steps_for_this_hardware(self) -> None:
         """A policy that prices steps gets this machine's latency profile: a shipped one made
@@ -223,8 +225,12 @@ class LLMEngine(RequestIntake):
         sampled = launched.pending.get()
         now = self.clock()
         self.last_step_time = now - launched.start
-        self.scheduler.policy.observe(launched.plan, self.last_step_time)
-        return self.scheduler.update(launched.plan, sampled, now)
+        policy = self.scheduler.policy
+        policy.observe(launched.plan, self.last_step_time)
+        touched = self.scheduler.update(launched.plan, sampled, now)
+        self.step_log.record(launched.plan, self.last_step_time, len(launched.rejected))
+        self.step_log.maybe_log(now, self.stats(), policy.state())
+        return touched
 
     def outputs(self, rejected: list[RequestOutput], touched: list[Request], now: float
                 ) -> list[RequestOutput]:

@@ -8,9 +8,10 @@ while they waited. Classes are served by the policy's priority (higher utility f
 queues of lower-utility classes move slowest and their requests are shed first.
 
 The wait estimate is at least the prefill of every prompt queued ahead, each priced alone
-(a lower bound: no queue, no wait, nothing refused; one prompt of their summed length would
-overprice attention, which grows with the square of a prompt's length), and, behind a real backlog, the backlog over the rate at
-which the request's class's queue has moved while it stood (an exponentially weighted window).
+(a lower bound: no queue, no wait, nothing refused; one prompt of their summed length
+would overprice attention, which grows with the square of a prompt's length), and, behind
+a real backlog, the backlog over the rate at which the request's class's queue has moved
+while it stood (an exponentially weighted window).
 """
 
 from __future__ import annotations

@@ -95,6 +95,10 @@ class Policy:
         the reason; the scheduler rejects or demotes them."""
         return ()
 
+    def state(self) -> str:
+        """What the policy has learned, for the engine's stats line ("" if nothing)."""
+        return ""
+
     # ---- each step -------------------------------------------------------------------------
     def prepare(self, scheduler: SchedulerView, now: float) -> None:
         """Called at the start of every schedule(), for policies that plan per step."""

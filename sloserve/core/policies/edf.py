@@ -113,6 +113,9 @@ class EarliestDeadlinePolicy(Policy):
     def observe(self, plan: Plan, step_time: float) -> None:
         self.steps.observe(plan, step_time)
 
+    def state(self) -> str:
+        return self.steps.state()
+
     def running_order(self, running: Sequence[Request], now: float) -> Iterable[Request]:
         return sorted(running, key=self._key)
 

@@ -48,7 +48,9 @@ class StepErrorMargin:
 
 class CalibratedSteps:
     """A step-latency model corrected online: a speed factor (EWMA of measured / predicted)
-    for the mean, and a StepErrorMargin for the spread around it."""
+    for the mean, one for decode-only steps and one for steps carrying prompt tokens (a
+    profile can be off by different factors for each: one factor for both leaves every step
+    mispredicted and the margin at its ceiling), and a StepErrorMargin for the spread."""
 
     def __init__(self, latency: LatencyModel | str | None = None, margin_quantile: float = 0.9):
         if latency is None:
@@ -56,24 +58,41 @@ class CalibratedSteps:
         elif isinstance(latency, str):
             latency = LatencyModel.from_file(latency)
         self.latency = latency
-        self.speed = 1.0
+        self.decode_speed = self.prompt_speed = 1.0
+        self._seen = set()  # kinds of step observed: the first sets its speed outright
         self.margin = StepErrorMargin(margin_quantile)
 
     def decode_time(self, batch: int) -> float:
-        return self.latency.decode_time(batch) * self.speed
+        return self.latency.decode_time(batch) * self.decode_speed
 
     def prefill_time(self, tokens: int, start: int = 0) -> float:
-        return self.latency.prefill_time(tokens, start) * self.speed
+        return self.latency.prefill_time(tokens, start) * self.prompt_speed
 
     def mixed_step_time(self, decodes: int, context: int, prompt_tokens: int,
                         prompt_start: int = 0) -> float:
         """A step of `decodes` decodes attending to `context` tokens in all, beside a
         prompt chunk of `prompt_tokens` from position `prompt_start`."""
+        speed = self.prompt_speed if prompt_tokens else self.decode_speed
         return self.latency.mixed_step_time(decodes, context, prompt_tokens,
-                                            prompt_start) * self.speed
+                                            prompt_start) * speed
+
+    def state(self) -> str:
+        return (f"steps take x{self.decode_speed:.2f} (decode) / x{self.prompt_speed:.2f} "
+                f"(with prompts) the profile's, margin {self.margin.value:.0%}")
 
     def observe(self, plan: Plan, step_time: float) -> None:
         predicted = self.latency.step_time(plan)
-        if predicted > 0:
-            self.margin.observe(predicted * self.speed, step_time)
-            self.speed += 0.1 * (step_time / predicted - self.speed)
+        if predicted <= 0:
+            return
+        decode_only = all(c.is_decode for c in plan.chunks)
+        speed = self.decode_speed if decode_only else self.prompt_speed
+        if decode_only in self._seen:
+            self.margin.observe(predicted * speed, step_time)
+            speed += 0.1 * (step_time / predicted - speed)
+        else:  # no error to learn from a profile made elsewhere: start from this machine
+            self._seen.add(decode_only)
+            speed = step_time / predicted
+        if decode_only:
+            self.decode_speed = speed
+        else:
+            self.prompt_speed = speed

@@ -157,6 +157,9 @@ class SlicePolicy(Policy):
     def observe(self, plan: Plan, step_time: float) -> None:
         self.steps.observe(plan, step_time)
 
+    def state(self) -> str:
+        return self.steps.state()
+
     # ---- tasks ------------------------------------------------------------------------------
     def rate(self, request: Request) -> float:
         """Required decode rate in tokens per second, from the TPOT objective."""
@@ -203,7 +206,7 @@ class SlicePolicy(Policy):
         """decode_time(b) for b < n (the profile's part cached; the speed factor moves)."""
         while len(self._profile_steps) < n:
             self._profile_steps.append(self.steps.latency.decode_time(len(self._profile_steps)))
-        return [t * self.steps.speed for t in self._profile_steps[:n]]
+        return [t * self.steps.decode_speed for t in self._profile_steps[:n]]
 
     def prepare(self, scheduler: SchedulerView, now: float) -> None:
         self._pace_factor = 1 - self.margin.value  # read once a step: a sorted-window lookup
