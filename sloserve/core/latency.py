@@ -97,9 +97,12 @@ class LatencyModel:
         return _interp(self.decode_batch, self.decode_s, batch)
 
     def prefill_time(self, tokens: int, start: int = 0) -> float:
-        """A prefill of `tokens` prompt tokens after `start` already computed ones."""
-        return (_interp(self.prefill_tokens, self._linear_prefill_s, tokens)
-                + self._attention(tokens, start))
+        """A prefill of `tokens` prompt tokens after `start` already computed ones (at least
+        a step's fixed cost, one pass over the weights, as a decode of one)."""
+        if tokens <= 0:
+            return 0.0
+        return max(self.decode_time(1), _interp(self.prefill_tokens, self._linear_prefill_s,
+                                                tokens)) + self._attention(tokens, start)
 
     def _attention(self, tokens: int, start: int) -> float:
         return self.attention_s_per_pair * tokens * (start + tokens / 2)

@@ -59,7 +59,6 @@ class CalibratedSteps:
             latency = LatencyModel.from_file(latency)
         self.latency = latency
         self.decode_speed = self.prompt_speed = 1.0
-        self._seen = set()  # kinds of step observed: the first sets its speed outright
         self.margin = StepErrorMargin(margin_quantile)
 
     def decode_time(self, batch: int) -> float:
@@ -86,12 +85,11 @@ class CalibratedSteps:
             return
         decode_only = all(c.is_decode for c in plan.chunks)
         speed = self.decode_speed if decode_only else self.prompt_speed
-        if decode_only in self._seen:
-            self.margin.observe(predicted * speed, step_time)
-            speed += 0.1 * (step_time / predicted - speed)
-        else:  # no error to learn from a profile made elsewhere: start from this machine
-            self._seen.add(decode_only)
-            speed = step_time / predicted
+        self.margin.observe(predicted * speed, step_time)
+        # one step's ratio moves the factor by at most 10% of itself: the first step after
+        # start (lazy initialisation: 225x its prediction on an H200) must not set it
+        ratio = min(2 * speed, max(speed / 2, step_time / predicted))
+        speed += 0.1 * (ratio - speed)
         if decode_only:
             self.decode_speed = speed
         else:
