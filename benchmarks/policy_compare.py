@@ -6,7 +6,8 @@ falls on all of them alike; prints SLO attainment per class and overall, and goo
 run, then min / median / max per policy and whether the ranking by attainment was the same
 in every repeat. Sustained by default: 60 s of arrivals.
 
-    python benchmarks/policy_compare.py [--repeats 3] [--duration 60] [--request-rate 3]
+    python benchmarks/policy_compare.py [--repeats 3] [--duration 60] [--request-rate 5]
+        [--quantization int4]
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--policies", default="fcfs,chunked,edf,slice")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals")
-    parser.add_argument("--request-rate", type=float, default=3.0)
+    parser.add_argument("--request-rate", type=float, default=5.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--realtime-share", type=float, default=0.3)
     parser.add_argument("--slo-scale", type=float, default=2.0)
+    parser.add_argument("--quantization", default="int4",
+                        help="int4 (default: how an edge box serves it) or none (float32)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     spec = workload.load("edge").scaled(args.slo_scale)  # edge SLOs assume faster hardware
@@ -48,7 +51,8 @@ def main() -> None:
     runs: dict[str, list[dict]] = {p: [] for p in policies}
     for repeat in range(args.repeats):
         for policy in policies:
-            engine = LLMEngine(EngineConfig(scheduler=SchedulerConfig(
+            engine = LLMEngine(EngineConfig(quantization=args.quantization,
+                                            log_stats_interval_s=0, scheduler=SchedulerConfig(
                 policy=policy, max_num_batched_tokens=256 if policy == "chunked" else 2048)))
             records, duration = run_engine(engine, [dataclasses.replace(r) for r in requests])
             engine.shutdown()

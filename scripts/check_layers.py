@@ -20,7 +20,7 @@ LAYERS = [
     ["sloserve.core"],  # scheduler, policies, KV blocks, latency model, router: no torch
     ["sloserve.workload", "sloserve.flags"],  # workloads and metrics; CLI flags from configs
     ["sloserve.model"],  # torch: decoder, families, attention backends, loader
-    ["sloserve.worker", "sloserve.detokenizer"],  # one rank: model runner, graphs, ranks
+    ["sloserve.worker", "sloserve.detokenizer", "sloserve.step_log"],  # one rank; engine aids
     ["sloserve.engine"],
     ["sloserve.llm", "sloserve.profiler", "sloserve.cluster"],
     ["sloserve.server", "sloserve.sim"],

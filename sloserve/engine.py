@@ -228,6 +228,11 @@ class LLMEngine(RequestIntake):
         policy = self.scheduler.policy
         policy.observe(launched.plan, self.last_step_time)
         touched = self.scheduler.update(launched.plan, sampled, now)
+        logprobs = launched.pending.logprobs()
+        if logprobs:
+            for request in touched:
+                if request.request_id in logprobs:
+                    request.output_logprobs.append(logprobs[request.request_id])
         self.step_log.record(launched.plan, self.last_step_time, len(launched.rejected))
         self.step_log.maybe_log(now, self.stats(), policy.state())
         return touched
@@ -259,7 +264,9 @@ class LLMEngine(RequestIntake):
             request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
             text=detok.text, delta_text=delta, token_ids=request.output_token_ids,
             finished=request.is_finished, finish_reason=request.status.finish_reason,
-            timings=RequestTimings.of(request), slo=request.slo)
+            timings=RequestTimings.of(request), slo=request.slo,
+            logprobs=request.output_logprobs[: request.num_output_tokens]
+            if request.sampling_params.logprobs is not None else None)
 
     def _forget(self, request: Request) -> None:
         self._detokenizers.pop(request.request_id, None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from sloserve.request import SLO, Request, SamplingParams
+from sloserve.request import SLO, Request, SamplingParams, TokenLogprob
 
 Prompt = str | list[int] | list[dict[str, str]]  # text, token ids, or chat messages
 
@@ -80,6 +80,7 @@ class RequestOutput:
     timings: RequestTimings
     slo: SLO
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # cumulative, as token_ids, when asked for
 
     @classmethod
     def failure(cls, request: Request, message: str, now: float) -> RequestOutput:

@@ -10,7 +10,7 @@ from sloserve.config import EngineConfig
 from sloserve.engine import LLMEngine, OverlappedSteps
 from sloserve.interface import Prompt, RequestTimings
 from sloserve.profiler import calibrate
-from sloserve.request import SamplingParams
+from sloserve.request import SamplingParams, TokenLogprob
 
 
 @dataclass
@@ -21,6 +21,7 @@ class GenerationResult:
     token_ids: list[int]
     finish_reason: str | None
     timings: RequestTimings
+    logprobs: list[TokenLogprob] | None = None  # per output token, when asked for
 
 
 class LLM:
@@ -47,7 +48,8 @@ class LLM:
                 if out.finished:
                     finals[out.request_id] = GenerationResult(
                         out.request_id, out.prompt_token_ids, out.text, list(out.token_ids),
-                        out.finish_reason, out.timings)
+                        out.finish_reason, out.timings,
+                        None if out.logprobs is None else list(out.logprobs))
         return [finals[i] for i in ids]
 
     def _add_all(self, prompts: list[Prompt], params: Sequence[SamplingParams]) -> list[str]:

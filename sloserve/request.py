@@ -9,6 +9,16 @@ import enum
 import math
 from dataclasses import dataclass, field
 
+MAX_LOGPROBS = 20  # alternatives per token, as vLLM's default --max-logprobs
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One output token's log-probability and the likeliest alternatives (id, logprob)."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -29,6 +39,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # None: none; k >= 0: each output token's log-probability under the model's raw
+    # distribution (before penalties and temperature, as vLLM's default), with the k likeliest
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         # Accept lists and a single string, as OpenAI clients send them.
@@ -53,6 +66,8 @@ class SamplingParams:
             raise ValueError("stop strings must be non-empty")
         if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
@@ -156,6 +171,7 @@ class Request:
     eos_token_id: int | None = None
 
     output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)  # if asked for
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     status: RequestStatus = RequestStatus.WAITING
@@ -177,6 +193,7 @@ class Request:
         copy = Request(self.request_id, self.prompt_token_ids, self.sampling_params, self.slo,
                        self.arrival_time, self.priority, self.eos_token_id)
         copy.output_token_ids = list(self.output_token_ids)
+        copy.output_logprobs = list(self.output_logprobs)
         copy.num_computed_tokens = self.num_computed_tokens
         for name in ("first_scheduled_time", "first_token_time", "last_token_time"):
             setattr(copy, name, getattr(self, name))

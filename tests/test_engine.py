@@ -158,7 +158,7 @@ def test_penalties_follow_vllms_formulas():
     request = Request("r", prompt_token_ids=[0], sampling_params=params)
     request.output_token_ids = [1, 3, 3]
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
-    assert Sampler(torch.device("cpu")).sample(logits, [request]).tolist() == [0]
+    assert Sampler(torch.device("cpu")).sample(logits, [request])[0].tolist() == [0]
     # prompt token 0: 2 / 2; output 1: -1 * 2 - (0.5 + 0.25); unseen 2; output 3 (twice):
     # 3 / 2 - (2 * 0.5 + 0.25)
     torch.testing.assert_close(logits, torch.tensor([[1.0, -2.75, 0.5, 0.25]]))

@@ -6,13 +6,29 @@ from collections import Counter
 
 import torch
 
-from sloserve.request import Request
+from sloserve.request import Request, TokenLogprob
 
 
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A host list as a device tensor without waiting for the GPU: torch.tensor(values,
     device=cuda) synchronizes the stream, which would end the overlap of host and GPU."""
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
+class Logprobs:
+    """A step's log-probabilities, on the device until read: the sampled token's and the
+    top-k alternatives of each asking request."""
+
+    def __init__(self, request_ids: list[str], ks: list[int], chosen: torch.Tensor,
+                 top: torch.return_types.topk | None):
+        self.request_ids, self.ks, self.chosen, self.top = request_ids, ks, chosen, top
+
+    def read(self) -> dict[str, TokenLogprob]:
+        chosen = self.chosen.tolist()
+        ids = self.top.indices.tolist() if self.top is not None else None
+        values = self.top.values.tolist() if self.top is not None else None
+        return {rid: TokenLogprob(chosen[i], tuple(zip(ids[i][:k], values[i][:k])) if k else ())
+                for i, (rid, k) in enumerate(zip(self.request_ids, self.ks))}
 
 
 class Sampler:
@@ -23,9 +39,19 @@ class Sampler:
     def release(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
 
-    def sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    # the logits are the model's inference tensors: penalties edit them in place, which
+    # torch allows only in inference mode (outside it, every penalised request failed)
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, requests: list[Request]
+               ) -> tuple[torch.Tensor, Logprobs | None]:
         """logits: [N, vocab] float32, one row per request. One token per row, as a device
-        tensor enqueued without waiting for the GPU."""
+        tensor enqueued without waiting for the GPU, and the log-probabilities of the rows
+        whose requests ask for them (None if none does)."""
+        asking = [i for i, r in enumerate(requests) if r.sampling_params.logprobs is not None]
+        raw = None
+        if asking:  # the model's own distribution, before penalties and temperature
+            rows = to_device(asking, torch.long, logits.device)
+            raw = (rows, logits[rows].float().log_softmax(dim=-1))
         self._apply_penalties(logits, requests)
         self._suppress_early_stops(logits, requests)
         tokens = logits.argmax(dim=-1)
@@ -36,7 +62,15 @@ class Sampler:
             for row, i in enumerate(random_rows):
                 generator = self._generator(requests[i])
                 tokens[i] = torch.multinomial(probs[row], 1, generator=generator)[0]
-        return tokens
+        if raw is None:
+            return tokens, None
+        rows, logprobs = raw
+        k = max(requests[i].sampling_params.logprobs for i in asking)
+        chosen = logprobs.gather(1, tokens[rows][:, None])[:, 0]
+        top = logprobs.topk(k, dim=-1) if k else None
+        return tokens, Logprobs([requests[i].request_id for i in asking],
+                                [requests[i].sampling_params.logprobs for i in asking],
+                                chosen, top)
 
     def _apply_penalties(self, logits: torch.Tensor, requests: list[Request]) -> None:
         """Repetition, frequency and presence penalties, in place, on the rows that ask."""

@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import hmac
+import itertools
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -111,8 +112,8 @@ def build_app(engine: EngineClient, config: ServerConfig, engine_thread: bool = 
 
 
 def _completion_prompts(body: CompletionRequest) -> list[Prompt]:
-    if body.echo or body.logprobs:
-        raise APIError(400, "echo and logprobs are not supported", param="logprobs")
+    if body.echo:
+        raise APIError(400, "echo is not supported", param="echo")
     prompt = body.prompt
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
         return [prompt]
@@ -172,6 +173,10 @@ class _Handler:
         self.model_name = model_name
         self.started = int(time.time())
 
+    @functools.lru_cache(maxsize=65536)
+    def _token_text(self, token_id: int) -> str:
+        return self.engine.tokenizer.decode([token_id])
+
     async def generate(self, body: GenerationBody, prompts: list[Prompt], chat: bool):
         if body.model not in (None, self.model_name):
             raise APIError(404, f"model {body.model!r} does not exist; this server serves "
@@ -180,7 +185,7 @@ class _Handler:
         streams = self._submit(requests, self.config.request_timeout_s)
         base = _ResponseBase(
             ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, int(time.time()),
-            self.model_name, chat)
+            self.model_name, chat, self._token_text)
         merged = await _first_answer(_merge(streams))
         firsts = requests[:: body.n]  # one request per prompt, for prompt token counts
         if body.stream:
@@ -311,6 +316,7 @@ class _ResponseBase:
     created: int
     model: str
     chat: bool
+    token_text: Callable[[int], str]
 
     def _envelope(self, choices: list, usage: dict | None = None, chunk: bool = False) -> dict:
         kind = ("chat.completion" if self.chat else "text_completion") + (
@@ -321,17 +327,42 @@ class _ResponseBase:
             body["usage"] = usage
         return body
 
-    def _choice(self, index: int, text: str, out: RequestOutput | None, delta: bool) -> dict:
+    def _choice(self, index: int, text: str, out: RequestOutput | None, delta: bool,
+                first_token: int = 0, text_offset: int = 0) -> dict:
+        """`first_token`: where this choice's new tokens start in `out` (for logprobs), at
+        `text_offset` characters into the reply."""
         finish = out.finish_reason if out is not None and out.finished else None
+        logprobs = None
+        if out is not None and out.logprobs is not None:
+            logprobs = self._logprobs(out.token_ids[first_token:],
+                                      out.logprobs[first_token: len(out.token_ids)], text_offset)
         if self.chat:
             content = {"role": "assistant", "content": text}
             choice = {"index": index, ("delta" if delta else "message"): content}
+            if logprobs is not None:
+                choice["logprobs"] = logprobs
         else:
-            choice = {"index": index, "text": text, "logprobs": None}
+            choice = {"index": index, "text": text, "logprobs": logprobs}
         choice["finish_reason"] = finish
         if finish is not None:
             choice["timings"] = out.timings.as_ms(out.slo)
         return choice
+
+    def _logprobs(self, token_ids: list[int], logprobs: list, text_offset: int) -> dict:
+        """OpenAI's logprobs object: chat's `content` list, or completions' parallel lists."""
+        texts = [self.token_text(t) for t in token_ids]
+        if self.chat:
+            return {"content": [
+                {"token": text, "logprob": lp.logprob, "bytes": list(text.encode()),
+                 "top_logprobs": [{"token": self.token_text(t), "logprob": v,
+                                   "bytes": list(self.token_text(t).encode())}
+                                  for t, v in lp.top]}
+                for text, lp in zip(texts, logprobs)]}
+        offsets = list(itertools.accumulate((len(t) for t in texts[:-1]), initial=text_offset))
+        return {"tokens": texts, "token_logprobs": [lp.logprob for lp in logprobs],
+                "top_logprobs": [{**{self.token_text(t): v for t, v in lp.top},
+                                  text: lp.logprob} for text, lp in zip(texts, logprobs)],
+                "text_offset": offsets[: len(texts)]}
 
     async def collect(self, merged, requests) -> dict:
         finals: dict[int, RequestOutput] = {}
@@ -343,12 +374,15 @@ class _ResponseBase:
 
     async def sse(self, merged, requests, include_usage: bool) -> AsyncIterator[str]:
         finals: dict[int, RequestOutput] = {}
+        sent: dict[int, tuple[int, int]] = {}  # choice -> (tokens, characters) sent
         try:
             async for index, out in merged:
                 if out.finished:
                     finals[index] = out
                 if out.delta_text or out.finished:
-                    choice = self._choice(index, out.delta_text, out, True)
+                    tokens, chars = sent.get(index, (0, 0))
+                    choice = self._choice(index, out.delta_text, out, True, tokens, chars)
+                    sent[index] = (len(out.token_ids), chars + len(out.delta_text))
                     yield _sse(self._envelope([choice], chunk=True))
             if include_usage:
                 yield _sse(self._envelope([], _usage(requests, finals.values()), chunk=True))

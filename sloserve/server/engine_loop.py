@@ -39,6 +39,7 @@ class _Stream:
     request: Request
     text: str = ""  # cumulative, where the engine sends only what is new (engine_process.py)
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)  # TokenLogprob, where asked for
 
 
 def _coalesce(earlier: RequestOutput, later: RequestOutput | Exception

@@ -29,7 +29,7 @@ from typing import Any
 
 from sloserve.engine import OverlappedSteps, RequestIntake
 from sloserve.interface import EngineClient, EngineStats, RequestOutput, RequestTimings
-from sloserve.request import Request
+from sloserve.request import Request, TokenLogprob
 from sloserve.server.engine_loop import EngineLoop, _put_all
 
 log = logging.getLogger("sloserve.server")
@@ -58,7 +58,8 @@ class EngineInfo:
 # RequestTimings' fields, error). Cumulative text and tokens are rebuilt on the server side.
 # Plain tuples: pickling a dataclass calls dataclasses.fields() each time, which cost more
 # than the rest of the message (~5 us a request a step).
-Delta = tuple[str, list[int], str, bool, str | None, tuple, str | None]
+Delta = tuple[str, list[int], str, bool, str | None, tuple, str | None,
+              list[TokenLogprob] | None]
 
 
 class EngineProcess(RequestIntake):
@@ -153,16 +154,19 @@ class ProcessEngineLoop(EngineLoop):
     def _receive(self, stats: tuple, adds_taken: int, deltas: list[Delta]) -> None:
         self.engine.latest_stats, self._adds_taken = EngineStats(*stats), adds_taken
         by_loop: dict[Any, list] = {}
-        for rid, new_tokens, delta_text, finished, reason, timings, error in deltas:
+        for rid, new_tokens, delta_text, finished, reason, timings, error, logprobs in deltas:
             stream = self._streams.get(rid)
             if stream is None:
                 continue
             stream.text += delta_text
             stream.token_ids.extend(new_tokens)
+            if logprobs is not None:
+                stream.logprobs.extend(logprobs)
             request = stream.request
             out = RequestOutput(rid, request.prompt_token_ids, stream.text, delta_text,
                                 stream.token_ids, finished, reason, RequestTimings(*timings),
-                                request.slo, error)
+                                request.slo, error,
+                                stream.logprobs if logprobs is not None else None)
             if finished and self.on_finish is not None and (error is None
                                                             or reason == "rejected"):
                 self.on_finish(out)
@@ -293,7 +297,8 @@ class EngineCore:
             t = out.timings
             deltas.append((out.request_id, out.token_ids[sent:], out.delta_text, out.finished,
                            out.finish_reason, (t.arrival, t.first_scheduled, t.first_token,
-                                               t.finish, t.tpot, t.kv_transfer), out.error))
+                                               t.finish, t.tpot, t.kv_transfer), out.error,
+                           None if out.logprobs is None else out.logprobs[sent:]))
             if out.finished:
                 self.sent_tokens.pop(out.request_id, None)
             else:
@@ -314,4 +319,5 @@ class EngineCore:
 
     @staticmethod
     def _failure(request_id: str, message: str) -> Delta:
-        return (request_id, [], "", True, "error", (time.monotonic(),) + (None,) * 5, message)
+        return (request_id, [], "", True, "error", (time.monotonic(),) + (None,) * 5, message,
+                None)

@@ -3,11 +3,11 @@ sloserve extensions: a per-request `slo` and `priority`."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from sloserve.request import SLO, SamplingParams
+from sloserve.request import MAX_LOGPROBS, SLO, SamplingParams
 
 
 class SLOSpec(BaseModel):
@@ -51,7 +51,6 @@ class GenerationBody(BaseModel):
     min_tokens: Annotated[int, Field(ge=0)] = 0
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: Any = None
     slo: SLOSpec | None = None
     priority: int = 0
 
@@ -68,7 +67,12 @@ class GenerationBody(BaseModel):
             seed=None if self.seed is None else self.seed + index,
             stop=tuple(stop), stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos, min_tokens=min(self.min_tokens, max_tokens),
-            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty)
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            logprobs=self.logprobs_count())
+
+    def logprobs_count(self) -> int | None:
+        """Alternatives to return per output token; None: no log-probabilities."""
+        return None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
@@ -83,6 +87,10 @@ class GenerationBody(BaseModel):
 class CompletionRequest(GenerationBody):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+
+    def logprobs_count(self) -> int | None:
+        return self.logprobs
 
 
 class TextPart(BaseModel):
@@ -103,6 +111,13 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(GenerationBody):
     messages: list[ChatMessage]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+
+    def logprobs_count(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

@@ -17,7 +17,8 @@ from sloserve.core.plan import Plan
 from sloserve.model import loader
 from sloserve.model.attention import AttentionMetadata
 from sloserve.model.gpu_memory import kv_blocks_for_gpu
-from sloserve.model.sampler import Sampler, to_device
+from sloserve.model.sampler import Logprobs, Sampler, to_device
+from sloserve.request import TokenLogprob
 from sloserve.worker import dist
 from sloserve.worker.cuda_graphs import DecodeGraphs, MixedStepGraphs
 from sloserve.worker.step_inputs import StepInputs, order_chunks, pack
@@ -100,7 +101,7 @@ class ModelRunner:
             return PendingTokens([], None)
         requests = [chunks[i].request for i in sampling]
         return PendingTokens([r.request_id for r in requests],
-                             self.sampler.sample(logits, requests))
+                             *self.sampler.sample(logits, requests))
 
     def export_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """KV of these blocks with every KV head (the other ranks send rank 0 theirs):
@@ -181,14 +182,19 @@ class ModelRunner:
 class PendingTokens:
     """A launched step's sampled tokens, still on the device until get()."""
 
-    def __init__(self, request_ids: list[str], tokens: torch.Tensor | None):
-        self.request_ids, self.tokens = request_ids, tokens
+    def __init__(self, request_ids: list[str], tokens: torch.Tensor | None,
+                 logprobs: Logprobs | None = None):
+        self.request_ids, self.tokens, self._logprobs = request_ids, tokens, logprobs
 
     def get(self) -> dict[str, int]:
         """Wait for the step (the host's one sync with it); request id -> token."""
         if self.tokens is None:
             return {}
         return dict(zip(self.request_ids, self.tokens.tolist()))
+
+    def logprobs(self) -> dict[str, TokenLogprob]:
+        """After get(): request id -> its token's log-probability, for those that asked."""
+        return {} if self._logprobs is None else self._logprobs.read()
 
 
 def pad_tables(tables: list[list[int]]) -> torch.Tensor:

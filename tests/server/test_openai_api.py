@@ -63,6 +63,29 @@ def test_streaming_chat_with_usage(client):
     assert text == whole.choices[0].message.content
 
 
+def test_logprobs_streamed_and_whole_in_openai_shapes(client):
+    """Completions: parallel lists; chat: a content list; streamed chunks add up to the
+    whole reply's values (greedy: the chosen token is the likeliest)."""
+    whole = client.completions.create(model=MODEL, prompt="The capital of France is",
+                                      max_tokens=6, temperature=0, logprobs=2)
+    lp = whole.choices[0].logprobs
+    assert "".join(lp.tokens) == whole.choices[0].text and len(lp.token_logprobs) == 6
+    assert all(len(top) == 2 and max(top.values()) == value
+               for top, value in zip(lp.top_logprobs, lp.token_logprobs))
+    assert lp.text_offset[0] == 0 and lp.text_offset[1] == len(lp.tokens[0])
+    streamed = [c.choices[0].logprobs for c in client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0,
+        logprobs=2, stream=True) if c.choices and c.choices[0].logprobs]
+    assert [v for c in streamed for v in c.token_logprobs] == lp.token_logprobs
+    assert [o for c in streamed for o in c.text_offset] == lp.text_offset
+    chat = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=6,
+                                          temperature=0, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == chat.choices[0].message.content
+    assert all(len(t.top_logprobs) == 3 and t.top_logprobs[0].logprob == t.logprob
+               and bytes(t.bytes).decode() == t.token for t in content)
+
+
 def test_n_two_choices_and_slo_extension(client):
     reply = client.chat.completions.create(
         model=MODEL, messages=HI, max_tokens=8, temperature=1.0, seed=3, n=2,
@@ -82,6 +105,9 @@ def test_n_two_choices_and_slo_extension(client):
     ({"model": MODEL, "messages": HI, "slo": {"tpot_ms": -5}}, 400, "tpot_ms"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi " * 2000}]}, 400, "context"),
     ({"model": MODEL, "messages": HI, "max_tokens": 10**9}, 400, "max_tokens can be at most"),
+    ({"model": MODEL, "messages": HI, "top_logprobs": 2}, 400, "needs logprobs"),
+    ({"model": MODEL, "messages": HI, "logprobs": True, "top_logprobs": 21}, 400,
+     "top_logprobs"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x" * 10**7}]}, 400,
      "10000000 characters cannot fit"),
 ])
