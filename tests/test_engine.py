@@ -147,6 +147,21 @@ def test_overlapped_steps_give_the_same_outputs_and_survive_an_abort(llm):
     assert aborted[0] != run(overlap=False)[0]  # it stopped early, and nothing failed
 
 
+def test_overflowing_temperature_or_penalty_samples_the_likeliest_token():
+    """1e-30 as a temperature or 1e-161 as a penalty overflows logits to inf; the step used to
+    fail (for every request in it) with "probability tensor contains inf or nan"."""
+    import torch
+
+    from sloserve.model.sampler import Sampler
+    from sloserve.request import Request
+
+    for params in (SamplingParams(temperature=1e-30),
+                   SamplingParams(temperature=0.5, repetition_penalty=7e-161)):
+        request = Request("r", prompt_token_ids=[0], sampling_params=params)
+        logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+        assert Sampler(torch.device("cpu")).sample(logits, [request])[0].tolist() in ([3], [0])
+
+
 def test_penalties_follow_vllms_formulas():
     import torch
 

@@ -107,7 +107,10 @@ class Sampler:
     def _probs(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         temps = to_device([r.sampling_params.temperature for r in requests], torch.float32,
                           logits.device)
-        logits = logits / temps[:, None]
+        # a tiny temperature or penalty overflows to inf (a fuzzer's 1e-161 failed the
+        # whole step): keep the order, drop what is not a number
+        logits = torch.nan_to_num(logits / temps[:, None], nan=float("-inf"),
+                                  posinf=torch.finfo(torch.float32).max)
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         vocab = logits.shape[-1]
         top_k = to_device([r.sampling_params.top_k if r.sampling_params.top_k > 0 else vocab
@@ -121,7 +124,12 @@ class Sampler:
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
         sorted_probs[mass_before >= top_p[:, None]] = 0.0
         probs = torch.zeros_like(sorted_probs).scatter_(-1, order, sorted_probs)
-        return probs / probs.sum(dim=-1, keepdim=True)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+        # a row with nothing left to draw (every token banned or overflowed): its likeliest
+        broken = ~torch.isfinite(probs).all(dim=-1)
+        probs[broken] = torch.nn.functional.one_hot(
+            logits[broken].argmax(dim=-1), logits.shape[-1]).to(probs.dtype)
+        return probs
 
     def _generator(self, request: Request) -> torch.Generator | None:
         seed = request.sampling_params.seed
