@@ -212,6 +212,10 @@ class _Handler:
         """As vLLM: a cap past the context is a 400 naming both sizes, never silently
         accepted; no cap: the server's default (--max-tokens-default), within the context."""
         room = self.engine.max_model_len - prompt_len
+        if room <= 0:
+            raise APIError(400, f"the prompt has {prompt_len} tokens; this model's context is "
+                                f"{self.engine.max_model_len} tokens, with room for at least "
+                                f"one more", param="prompt")
         asked = body.requested_max_tokens()
         if asked is None:
             return max(1, min(room, self.config.max_tokens_default))
