@@ -162,6 +162,27 @@ def test_overflowing_temperature_or_penalty_samples_the_likeliest_token():
         assert Sampler(torch.device("cpu")).sample(logits, [request])[0].tolist() in ([3], [0])
 
 
+@pytest.mark.parametrize("scale", [3.0, 0.3])  # peaked: 512 candidates hold the nucleus
+def test_top_p_top_k_keep_exactly_the_nucleus_of_a_full_sort(scale):
+    import torch
+
+    from sloserve.model.sampler import Sampler
+    from sloserve.request import Request
+
+    logits = torch.randn(4, 49152, generator=torch.Generator().manual_seed(0)) * scale
+    params = [SamplingParams(temperature=0.2, top_p=0.9), SamplingParams(top_p=0.95),
+              SamplingParams(top_k=50, top_p=0.9), SamplingParams(top_k=2000, top_p=0.5)]
+    requests = [Request(str(i), prompt_token_ids=[0], sampling_params=p)
+                for i, p in enumerate(params)]
+    probs = Sampler(torch.device("cpu"))._probs(logits.clone(), requests)
+    for row, p in zip(range(4), params):  # the definition: sort all, cut k, cut the mass
+        ranked = (logits[row] / p.temperature).sort(descending=True)
+        kept = ranked.values[: p.top_k if p.top_k > 0 else None].softmax(-1)
+        kept[kept.cumsum(-1) - kept >= p.top_p] = 0
+        want = torch.zeros(49152).index_copy_(0, ranked.indices[: len(kept)], kept)
+        torch.testing.assert_close(probs[row], want / want.sum(), atol=1e-7, rtol=1e-5)
+
+
 def test_penalties_follow_vllms_formulas():
     import torch
 

@@ -15,6 +15,9 @@ def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.T
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
+NUCLEUS_CANDIDATES = 512  # likeliest tokens that top-p / top-k sampling looks at first
+
+
 class Logprobs:
     """A step's log-probabilities, on the device until read: the sampled token's and the
     top-k alternatives of each asking request."""
@@ -111,25 +114,48 @@ class Sampler:
         # whole step): keep the order, drop what is not a number
         logits = torch.nan_to_num(logits / temps[:, None], nan=float("-inf"),
                                   posinf=torch.finfo(torch.float32).max)
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
         vocab = logits.shape[-1]
-        top_k = to_device([r.sampling_params.top_k if r.sampling_params.top_k > 0 else vocab
-                           for r in requests], torch.long, logits.device)
-        ranks = torch.arange(vocab, device=logits.device)[None, :]
-        sorted_logits[ranks >= top_k[:, None]] = float("-inf")
+        ks = [r.sampling_params.top_k if r.sampling_params.top_k > 0 else vocab
+              for r in requests]
+        top_k = to_device(ks, torch.long, logits.device)
         top_p = to_device([r.sampling_params.top_p for r in requests], torch.float32,
                           logits.device)
-        sorted_probs = sorted_logits.softmax(dim=-1)
+        sorted_probs, order = self._nucleus_candidates(logits, ks, top_k, top_p)
         # Drop a token when the tokens ranked above it already reach top_p.
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
         sorted_probs[mass_before >= top_p[:, None]] = 0.0
-        probs = torch.zeros_like(sorted_probs).scatter_(-1, order, sorted_probs)
+        probs = torch.zeros_like(logits).scatter_(-1, order, sorted_probs)
         probs = probs / probs.sum(dim=-1, keepdim=True)
         # a row with nothing left to draw (every token banned or overflowed): its likeliest
         broken = ~torch.isfinite(probs).all(dim=-1)
         probs[broken] = torch.nn.functional.one_hot(
             logits[broken].argmax(dim=-1), logits.shape[-1]).to(probs.dtype)
         return probs
+
+    @staticmethod
+    def _nucleus_candidates(logits: torch.Tensor, ks: list[int], top_k: torch.Tensor,
+                            top_p: torch.Tensor, everything: bool = False
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's probabilities after its top-k cut, in descending order, and the token
+        ids in that order: only the NUCLEUS_CANDIDATES likeliest when they hold the whole
+        nucleus (sorting a 49k vocabulary took 3.5 ms a step on this CPU: 14% of an int4
+        decode step), else all of them. The probabilities stay those of the whole (top-k
+        cut) distribution, so the nucleus is exactly the same either way."""
+        vocab = logits.shape[-1]
+        few = min(vocab, NUCLEUS_CANDIDATES)
+        if not everything and few < vocab and all(k <= few or k == vocab for k in ks):
+            values, order = logits.topk(few, dim=-1)
+        else:
+            values, order = logits.sort(dim=-1, descending=True)
+        ranks = torch.arange(values.shape[-1], device=logits.device)[None, :]
+        values = values.masked_fill(ranks >= top_k[:, None], float("-inf"))
+        cut = (top_k < vocab)[:, None]  # normalised over their top k, the rest over all
+        total = torch.where(cut, values.logsumexp(dim=-1, keepdim=True),
+                            logits.logsumexp(dim=-1, keepdim=True))
+        probs = (values - total).exp()
+        if values.shape[-1] < vocab and not bool((probs.sum(dim=-1) >= top_p).all()):
+            return Sampler._nucleus_candidates(logits, ks, top_k, top_p, everything=True)
+        return probs, order
 
     def _generator(self, request: Request) -> torch.Generator | None:
         seed = request.sampling_params.seed
