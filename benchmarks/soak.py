@@ -1,0 +1,92 @@
+"""A long run at a steady load: the server must not drift (issue: proof under abuse).
+
+Starts `sloserve serve --quantization int4 --policy slice` on loopback and sends the edge mix
+(30% real-time, objectives x2 for this CPU) at `--rate` req/s (default 2.4, ~80% of the
+rate where slice's attainment falls below 90% here) for `--minutes`, through the bench
+client; samples the server's resident memory every 10 s. Reports errors (503s of admission
+control counted apart: refusing is its job), attainment per
+minute of arrivals, and RSS first / last / peak (the target: 0 errors, RSS flat within 10%,
+attainment steady). Writes benchmarks/results/soak.json:
+
+    python benchmarks/soak.py [--minutes 30] [--rate 2.4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import save, stop_server  # noqa: E402
+
+from sloserve.bench.client import ClientConfig, run_requests, wait_until_healthy  # noqa: E402
+from sloserve.workload import spec as workload  # noqa: E402
+from sloserve.workload.metrics import summarize  # noqa: E402
+
+PORT = 8432
+
+
+class RSSSamples(threading.Thread):
+    def __init__(self, pid: int, every: float = 10.0):
+        super().__init__(daemon=True)
+        self.pid, self.every, self.samples, self.running = pid, every, [], True
+
+    def run(self) -> None:
+        while self.running:
+            out = subprocess.run(["ps", "-o", "rss=", "--ppid", str(self.pid), "-p",
+                                  str(self.pid)], capture_output=True, text=True).stdout
+            self.samples.append(round(sum(int(x) for x in out.split()) / 1024))
+            time.sleep(self.every)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=30.0)
+    ap.add_argument("--rate", type=float, default=2.4)
+    args = ap.parse_args()
+    spec = workload.load("edge").scaled(2.0)
+    requests = workload.build(spec, int(args.minutes * 60 * args.rate), seed=0,
+                              rate=args.rate)
+    cmd = [sys.executable, "-m", "sloserve.cli", "serve", "--port", str(PORT),
+           "--quantization", "int4", "--policy", "slice", "--log-stats-interval-s", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rss = RSSSamples(proc.pid)
+    try:
+        wait_until_healthy(f"http://127.0.0.1:{PORT}", proc, 180)
+        rss.start()
+        records, duration = asyncio.run(run_requests(
+            ClientConfig(f"http://127.0.0.1:{PORT}"), requests))
+    finally:
+        rss.running = False
+        stop_server(proc)
+    per_minute = collections.defaultdict(list)
+    for r in records:
+        per_minute[int(r.send_time // 60)].append(r.attained)
+    refused = sum("objective out of reach" in (r.error or "") for r in records)
+    errors = collections.Counter(r.error[:60] for r in records
+                                 if r.error and "objective out of reach" not in r.error)
+    s = summarize(records, duration)
+    result = {
+        "server": " ".join(cmd[2:]), "minutes": args.minutes, "rate": args.rate,
+        "requests": len(records), "errors": dict(errors),
+        "refused_by_admission_control": refused,
+        "slo_attainment": round(s["slo_attainment"], 4),
+        "attainment_per_minute": [round(sum(v) / len(v), 3) for _, v in sorted(per_minute.items())],
+        "rss_mb": {"first": rss.samples[0], "last": rss.samples[-1], "peak": max(rss.samples),
+                   "samples": rss.samples},
+    }
+    result["rss_growth"] = round(result["rss_mb"]["last"] / result["rss_mb"]["first"] - 1, 3)
+    print({k: v for k, v in result.items() if k != "rss_mb"}, result["rss_mb"]["first"],
+          result["rss_mb"]["last"], result["rss_mb"]["peak"])
+    print(f"-> {save('soak', result)}")
+
+
+if __name__ == "__main__":
+    main()
