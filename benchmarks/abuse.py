@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save, stop_server  # noqa: E402
+from common import process_tree_rss_mb, save, stop_server  # noqa: E402
 
 from sloserve.bench.client import wait_until_healthy  # noqa: E402
 
@@ -115,9 +115,7 @@ class PeakRSS(threading.Thread):
 
     def run(self) -> None:
         while self.running:
-            out = subprocess.run(["ps", "-o", "rss=", "--ppid", str(self.pid), "-p",
-                                  str(self.pid)], capture_output=True, text=True).stdout
-            self.peak_mb = max(self.peak_mb, sum(int(x) for x in out.split()) / 1024)
+            self.peak_mb = max(self.peak_mb, process_tree_rss_mb(self.pid))
             time.sleep(0.2)
 
 

@@ -42,3 +42,10 @@ def stop_server(proc: subprocess.Popen, timeout: float = 60.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def process_tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children (a server and its engine process)."""
+    out = subprocess.run(["ps", "-o", "rss=", "--ppid", str(pid), "-p", str(pid)],
+                         capture_output=True, text=True).stdout
+    return sum(int(x) for x in out.split()) / 1024

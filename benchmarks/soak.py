@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save, stop_server  # noqa: E402
+from common import process_tree_rss_mb, save, stop_server  # noqa: E402
 
 from sloserve.bench.client import ClientConfig, run_requests, wait_until_healthy  # noqa: E402
 from sloserve.workload import spec as workload  # noqa: E402
@@ -39,9 +39,7 @@ class RSSSamples(threading.Thread):
 
     def run(self) -> None:
         while self.running:
-            out = subprocess.run(["ps", "-o", "rss=", "--ppid", str(self.pid), "-p",
-                                  str(self.pid)], capture_output=True, text=True).stdout
-            self.samples.append(round(sum(int(x) for x in out.split()) / 1024))
+            self.samples.append(round(process_tree_rss_mb(self.pid)))
             time.sleep(self.every)
 
 

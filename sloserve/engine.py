@@ -234,7 +234,8 @@ class LLMEngine(RequestIntake):
                 if request.request_id in logprobs:
                     request.output_logprobs.append(logprobs[request.request_id])
         self.step_log.record(launched.plan, self.last_step_time, len(launched.rejected))
-        self.step_log.maybe_log(now, self.stats(), policy.state())
+        if self.step_log.due(now):
+            self.step_log.log(now, self.stats(), policy.state())
         return touched
 
     def outputs(self, rejected: list[RequestOutput], touched: list[Request], now: float

@@ -33,14 +33,16 @@ class StepLog:
         self.prompt_tokens += plan.num_batched_tokens - decodes
         self.rejected += rejected
 
-    def maybe_log(self, now: float, stats: EngineStats, policy_state: str) -> None:
+    def due(self, now: float) -> bool:
+        """Whether a line is due (the caller then gathers what `log` needs)."""
         if self.interval <= 0:
-            return
+            return False
         if self._start is None:
             self._start = now
+        return now - self._start >= self.interval
+
+    def log(self, now: float, stats: EngineStats, policy_state: str) -> None:
         elapsed = now - self._start
-        if elapsed < self.interval:
-            return
         if self.steps or self.rejected:
             mean = self.busy / self.steps * 1e3 if self.steps else 0.0
             log.info("%.1f steps/s (%.1f ms, busy %.0f%%), prompt %.0f tok/s, generation "
