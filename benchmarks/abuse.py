@@ -132,7 +132,6 @@ def main() -> None:
     try:
         wait_until_healthy(URL, proc, 180)
         rss.start()
-        idle_mb = None
         time.sleep(1)
         idle_mb = rss.peak_mb
         result = {"server": " ".join(cmd[2:]), "flood": asyncio.run(flood(args.flood))}
