@@ -20,6 +20,8 @@ from sloserve.core.policies import prices_steps
 from sloserve.core.scheduler import Scheduler
 from sloserve.detokenizer import IncrementalDetokenizer
 from sloserve.interface import EngineStats, Prompt, RequestOutput, RequestTimings
+from sloserve.model import structured
+from sloserve.model.loader import eos_token_id
 from sloserve.request import SLO, Request, RequestStatus, SamplingParams
 from sloserve.step_log import StepLog
 from sloserve.worker.model_runner import PendingTokens
@@ -76,6 +78,7 @@ class RequestIntake:
         """Validate and build a request without touching engine state (safe from any thread);
         raises ValueError naming the bad field."""
         params = params or SamplingParams()
+        self._check_params(params)
         token_ids = self.tokenize(prompt)
         if len(token_ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(token_ids)} tokens; the context is "
@@ -87,6 +90,12 @@ class RequestIntake:
             priority=priority, eos_token_id=self.eos_token_id)
         self.check(request)
         return request
+
+    def _check_params(self, params: SamplingParams) -> None:
+        structured.check(params.structured)
+        vocab = self.model_config.vocab_size
+        if any(token >= vocab for token, _ in params.logit_bias):
+            raise ValueError(f"logit_bias token ids must be below the vocabulary size {vocab}")
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
                     slo: SLO | None = None, request_id: str | None = None,
@@ -342,10 +351,3 @@ def max_chars_per_token(tokenizer: Any) -> int:
     """The most characters one token of this vocabulary can stand for (byte-level pieces
     spell each byte with one character, so it bounds decoded characters too)."""
     return max(len(piece) for piece in tokenizer.get_vocab())
-
-
-def eos_token_id(tokenizer: Any, model_config: Any) -> int | None:
-    eos = tokenizer.eos_token_id
-    if eos is None and model_config.eos_token_ids:
-        eos = model_config.eos_token_ids[0]
-    return eos

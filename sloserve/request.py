@@ -20,6 +20,24 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()
 
 
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on the reply's text, enforced token by token by a grammar engine:
+    "json" (a JSON schema, as text), "regex", "choice" (a JSON list of strings, one of which
+    is the whole reply) or "grammar" (Lark syntax, as llguidance reads it)."""
+
+    kind: str
+    spec: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_KINDS:
+            raise ValueError(f"structured output kind must be one of {STRUCTURED_KINDS}, "
+                             f"got {self.kind!r}")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens and when to stop."""
@@ -42,6 +60,8 @@ class SamplingParams:
     # None: none; k >= 0: each output token's log-probability under the model's raw
     # distribution (before penalties and temperature, as vLLM's default), with the k likeliest
     logprobs: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    structured: StructuredOutput | None = None  # None: any text
 
     def __post_init__(self) -> None:
         # Accept lists and a single string, as OpenAI clients send them.
@@ -49,6 +69,8 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if isinstance(self.logit_bias, dict):
+            object.__setattr__(self, "logit_bias", tuple(self.logit_bias.items()))
         self._validate()
 
     def _validate(self) -> None:
@@ -68,6 +90,10 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        for token, bias in self.logit_bias:
+            if not (isinstance(token, int) and token >= 0 and -100 <= bias <= 100):
+                raise ValueError(f"logit_bias maps token ids >= 0 to values in [-100, 100], "
+                                 f"got {token!r}: {bias!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")

@@ -23,9 +23,10 @@ from sloserve.cluster.worker import InstanceStats, InstanceWorker, PollResult
 from sloserve.config import ClusterConfig
 from sloserve.core.latency import LatencyModel
 from sloserve.core.router import InstanceLoad, Router
-from sloserve.engine import RequestIntake, eos_token_id
+from sloserve.engine import RequestIntake
 from sloserve.interface import EngineStats, RequestOutput
 from sloserve.model import loader
+from sloserve.model.loader import eos_token_id
 from sloserve.request import Request
 
 log = logging.getLogger("sloserve.cluster")

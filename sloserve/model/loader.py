@@ -211,3 +211,10 @@ def to_fused_names(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict[str
     if config.tie_word_embeddings or "lm_head.weight" not in out:
         out["lm_head.weight"] = out["embed_tokens.weight"]
     return out
+
+
+def eos_token_id(tokenizer: Any, model_config: Any) -> int | None:
+    eos = tokenizer.eos_token_id
+    if eos is None and model_config.eos_token_ids:
+        eos = model_config.eos_token_ids[0]
+    return eos

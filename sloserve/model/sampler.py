@@ -6,6 +6,7 @@ from collections import Counter
 
 import torch
 
+from sloserve.model.structured import apply_masks
 from sloserve.request import Request, TokenLogprob
 
 
@@ -45,18 +46,23 @@ class Sampler:
     # the logits are the model's inference tensors: penalties edit them in place, which
     # torch allows only in inference mode (outside it, every penalised request failed)
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, requests: list[Request]
+    def sample(self, logits: torch.Tensor, requests: list[Request],
+               masks: tuple[list[int], torch.Tensor] | None = None
                ) -> tuple[torch.Tensor, Logprobs | None]:
         """logits: [N, vocab] float32, one row per request. One token per row, as a device
         tensor enqueued without waiting for the GPU, and the log-probabilities of the rows
-        whose requests ask for them (None if none does)."""
+        whose requests ask for them (None if none does). `masks`: the grammar-constrained
+        rows and their allowed-token bitmasks (GrammarMasks.masks)."""
         asking = [i for i, r in enumerate(requests) if r.sampling_params.logprobs is not None]
         raw = None
         if asking:  # the model's own distribution, before penalties and temperature
             rows = to_device(asking, torch.long, logits.device)
             raw = (rows, logits[rows].float().log_softmax(dim=-1))
         self._apply_penalties(logits, requests)
+        self._apply_logit_bias(logits, requests)
         self._suppress_early_stops(logits, requests)
+        if masks is not None:  # last: nothing may lift a token the grammar rules out
+            apply_masks(logits, *masks)
         tokens = logits.argmax(dim=-1)
         random_rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
         if random_rows:
@@ -94,6 +100,13 @@ class Sampler:
                 ids = to_device(list(counts), torch.long, device)
                 times = to_device(list(counts.values()), logits.dtype, device)
                 row[ids] -= params.frequency_penalty * times + params.presence_penalty
+
+    def _apply_logit_bias(self, logits: torch.Tensor, requests: list[Request]) -> None:
+        for i, r in enumerate(requests):
+            if r.sampling_params.logit_bias:
+                ids, biases = zip(*r.sampling_params.logit_bias)
+                logits[i, to_device(list(ids), torch.long, logits.device)] += to_device(
+                    list(biases), logits.dtype, logits.device)
 
     def _suppress_early_stops(self, logits: torch.Tensor, requests: list[Request]) -> None:
         """Before min_tokens, EOS and stop ids cannot be sampled (as vLLM does)."""

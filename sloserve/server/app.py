@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sloserve.interface import EngineClient, Prompt, RequestOutput
+from sloserve.model import structured
 from sloserve.request import SLO
 from sloserve.server.engine_loop import EngineLoop, QueueFull, Rejected, TimedOut
 from sloserve.server.metrics import ServerMetrics
@@ -30,6 +31,7 @@ from sloserve.server.protocol import (
     GenerationBody,
     error_body,
 )
+from sloserve.server.tools import ToolMode, ToolStream
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,8 @@ def build_app(engine: EngineClient, config: ServerConfig, engine_thread: bool = 
     async def chat_completions(body: ChatCompletionRequest):
         if not body.messages:
             raise APIError(400, "messages must not be empty", param="messages")
-        return await handler.generate(body, [body.chat()], chat=True)
+        messages = _or_400(body.chat, "tool_choice")
+        return await handler.generate(body, [messages], chat=True)
 
     return app
 
@@ -114,6 +117,10 @@ def build_app(engine: EngineClient, config: ServerConfig, engine_thread: bool = 
 def _completion_prompts(body: CompletionRequest) -> list[Prompt]:
     if body.echo:
         raise APIError(400, "echo is not supported", param="echo")
+    if body.suffix:
+        raise APIError(400, "suffix is not supported", param="suffix")
+    if body.best_of not in (None, body.n):
+        raise APIError(400, "best_of other than n is not supported", param="best_of")
     prompt = body.prompt
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
         return [prompt]
@@ -185,7 +192,8 @@ class _Handler:
         streams = self._submit(requests, self.config.request_timeout_s)
         base = _ResponseBase(
             ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, int(time.time()),
-            self.model_name, chat, self._token_text)
+            self.model_name, chat, self._token_text,
+            body.tool_mode() if isinstance(body, ChatCompletionRequest) else None)
         merged = await _first_answer(_merge(streams))
         firsts = requests[:: body.n]  # one request per prompt, for prompt token counts
         if body.stream:
@@ -196,16 +204,18 @@ class _Handler:
 
     def _make_requests(self, body: GenerationBody, prompts: list[Prompt]) -> list:
         slo = _or_400(lambda: body.slo_with_defaults(self.config.default_slo), "slo")
+        constraint = _or_400(body.constraint, "response_format")
+        _or_400(lambda: structured.check(constraint), "response_format")
         requests, rid = [], uuid.uuid4().hex[:16]
         for p_index, prompt in enumerate(prompts):
             tokens = _or_400(lambda: self.engine.tokenize(prompt), "prompt")
             max_tokens = self._max_tokens(body, len(tokens))
             for i in range(body.n):
                 params = _or_400(lambda: body.sampling_params(
-                    max(max_tokens, 1), i, self.config.generation_defaults), None)
+                    max(max_tokens, 1), i, self.config.generation_defaults, constraint), None)
                 requests.append(_or_400(lambda: self.engine.make_request(
                     tokens, params, slo, f"{rid}-{p_index * body.n + i}",
-                    priority=body.priority), "prompt"))
+                    priority=body.priority), "prompt", ("logit_bias",)))
         return requests
 
     def _max_tokens(self, body: GenerationBody, prompt_len: int) -> int:
@@ -238,10 +248,13 @@ class _Handler:
         return streams
 
 
-def _or_400(build, param: str | None):
+def _or_400(build, param: str | None, named: tuple[str, ...] = ()):
+    """build(), with a ValueError as a 400 naming `param`, or the field of `named` that the
+    message starts with."""
     try:
         return build()
     except ValueError as e:
+        param = next((n for n in named if str(e).startswith(n)), param)
         raise APIError(400, str(e), param=param) from None
 
 
@@ -321,6 +334,7 @@ class _ResponseBase:
     model: str
     chat: bool
     token_text: Callable[[int], str]
+    tools: ToolMode | None = None  # chat with tools: calls parsed out of the reply
 
     def _envelope(self, choices: list, usage: dict | None = None, chunk: bool = False) -> dict:
         kind = ("chat.completion" if self.chat else "text_completion") + (
@@ -331,17 +345,23 @@ class _ResponseBase:
             body["usage"] = usage
         return body
 
-    def _choice(self, index: int, text: str, out: RequestOutput | None, delta: bool,
-                first_token: int = 0, text_offset: int = 0) -> dict:
+    def _choice(self, index: int, text: str | None, out: RequestOutput | None, delta: bool,
+                first_token: int = 0, text_offset: int = 0,
+                tool_calls: list[dict] | None = None) -> dict:
         """`first_token`: where this choice's new tokens start in `out` (for logprobs), at
         `text_offset` characters into the reply."""
         finish = out.finish_reason if out is not None and out.finished else None
+        if tool_calls and finish == "stop":
+            finish = "tool_calls"
         logprobs = None
         if out is not None and out.logprobs is not None:
             logprobs = self._logprobs(out.token_ids[first_token:],
                                       out.logprobs[first_token: len(out.token_ids)], text_offset)
         if self.chat:
-            content = {"role": "assistant", "content": text}
+            content = {"role": "assistant", "content": text or None if tool_calls else text}
+            if tool_calls:
+                content["tool_calls"] = [{**c, "index": i} for i, c in enumerate(tool_calls)] \
+                    if delta else tool_calls
             choice = {"index": index, ("delta" if delta else "message"): content}
             if logprobs is not None:
                 choice["logprobs"] = logprobs
@@ -373,20 +393,33 @@ class _ResponseBase:
         async for index, out in merged:
             if out.finished:
                 finals[index] = out
-        choices = [self._choice(i, finals[i].text, finals[i], False) for i in sorted(finals)]
+        choices = []
+        for i in sorted(finals):
+            content, calls = finals[i].text, None
+            if self.tools is not None:
+                content, calls = self.tools.parse(content)
+            choices.append(self._choice(i, content, finals[i], False, tool_calls=calls))
         return self._envelope(choices, _usage(requests, finals.values()))
 
     async def sse(self, merged, requests, include_usage: bool) -> AsyncIterator[str]:
         finals: dict[int, RequestOutput] = {}
         sent: dict[int, tuple[int, int]] = {}  # choice -> (tokens, characters) sent
+        tool_streams: dict[int, ToolStream] = {}
         try:
             async for index, out in merged:
+                text, calls = out.delta_text, None
+                if self.tools is not None:
+                    stream = tool_streams.setdefault(index, ToolStream(self.tools))
+                    text = stream.feed(text)
+                    if out.finished:
+                        rest, calls = stream.finish()
+                        text += rest
                 if out.finished:
                     finals[index] = out
-                if out.delta_text or out.finished:
+                if text or out.finished:
                     tokens, chars = sent.get(index, (0, 0))
-                    choice = self._choice(index, out.delta_text, out, True, tokens, chars)
-                    sent[index] = (len(out.token_ids), chars + len(out.delta_text))
+                    choice = self._choice(index, text, out, True, tokens, chars, calls)
+                    sent[index] = (len(out.token_ids), chars + len(text))
                     yield _sse(self._envelope([choice], chunk=True))
             if include_usage:
                 yield _sse(self._envelope([], _usage(requests, finals.values()), chunk=True))

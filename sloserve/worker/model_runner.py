@@ -8,6 +8,7 @@ ranks.py) and runs its own forward, while ranks > 0 run the forwards rank 0 broa
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from sloserve.model import loader
 from sloserve.model.attention import AttentionMetadata
 from sloserve.model.gpu_memory import kv_blocks_for_gpu
 from sloserve.model.sampler import Logprobs, Sampler, to_device
+from sloserve.model.structured import GrammarMasks
 from sloserve.request import TokenLogprob
 from sloserve.worker import dist
 from sloserve.worker.cuda_graphs import DecodeGraphs, MixedStepGraphs
@@ -43,6 +45,8 @@ class ModelRunner:
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                           for _ in range(c.num_layers)]
         self.sampler = Sampler(self.device)
+        self._grammars: GrammarMasks | None = None  # made for the first constrained request
+        self._mask_thread: ThreadPoolExecutor | None = None
         self.graphs = self.mixed_graphs = None
         # CUDA graphs are single-rank for now: NCCL inside captured graphs is not wired up
         if (self.device.type == "cuda" and not config.enforce_eager and self.size == 1
@@ -82,6 +86,8 @@ class ModelRunner:
         if not chunks:
             return PendingTokens([], None)
         step = pack(chunks, self.block_size)
+        requests = [chunks[i].request for i in sampling]
+        masks = self._start_masks(requests)
         if self.peers is not None:  # tensor parallel: the other ranks run the same step
             self.peers.broadcast(("step", step))
         if self.graphs is not None and not step.has_multi_token_chunks \
@@ -99,9 +105,19 @@ class ModelRunner:
                 logits = self.forward(step, indices)
         if not sampling:
             return PendingTokens([], None)
-        requests = [chunks[i].request for i in sampling]
-        return PendingTokens([r.request_id for r in requests],
-                             *self.sampler.sample(logits, requests))
+        return PendingTokens([r.request_id for r in requests], *self.sampler.sample(
+            logits, requests, masks.result() if masks is not None else None))
+
+    def _start_masks(self, requests: list) -> Future | None:
+        """The constrained requests' token masks, computed beside the forward pass."""
+        if not any(r.sampling_params.structured is not None for r in requests):
+            return None
+        if self._grammars is None:
+            tokenizer, c = self.loaded.tokenizer, self.model.config
+            self._grammars = GrammarMasks(tokenizer, c.vocab_size,
+                                          loader.eos_token_id(tokenizer, c))
+            self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
+        return self._mask_thread.submit(self._grammars.masks, requests)
 
     def export_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """KV of these blocks with every KV head (the other ranks send rank 0 theirs):
@@ -123,6 +139,8 @@ class ModelRunner:
 
     def release(self, request_id: str) -> None:
         self.sampler.release(request_id)
+        if self._grammars is not None:
+            self._grammars.release(request_id)
 
     def shutdown(self) -> None:
         """Stop the other tensor-parallel ranks (nothing to do with one)."""

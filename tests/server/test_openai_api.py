@@ -110,6 +110,14 @@ def test_n_two_choices_and_slo_extension(client):
      "top_logprobs"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x" * 10**7}]}, 400,
      "10000000 characters cannot fit"),
+    # a field that is not part of the API is refused by name, never silently dropped
+    ({"model": MODEL, "messages": HI, "temprature": 0}, 400, "temprature"),
+    ({"model": MODEL, "messages": HI, "logit_bias": {"49152": 5}}, 400, "logit_bias"),
+    ({"model": MODEL, "messages": HI, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}},
+     400, "bogus"),
+    ({"model": MODEL, "messages": HI, "structured_outputs": {"regex": "a("}}, 400, "regex"),
+    ({"model": MODEL, "messages": HI, "tool_choice": "required"}, 400, "needs tools"),
 ])
 def test_bad_input_gets_openai_error(server, body, status, words):
     started = time.monotonic()
