@@ -88,7 +88,8 @@ class GrammarMasks:
         rows = [i for i, r in enumerate(requests) if r.sampling_params.structured is not None]
         if not rows:
             return None
-        words = (self.vocab_size + 31) // 32
+        # llguidance's width (its vocabulary may hold a token or two past the model's)
+        words = (max(self.vocab_size, self.tokenizer.vocab_size) + 31) // 32
         bitmask = torch.empty((len(rows), words), dtype=torch.int32)
         for row, i in enumerate(rows):
             matcher = self._caught_up(requests[i])
@@ -97,8 +98,7 @@ class GrammarMasks:
                             matcher.get_error())
                 bitmask[row] = self._only_eos(words)
                 continue
-            bitmask[row] = torch.frombuffer(bytearray(matcher.compute_bitmask()),
-                                            dtype=torch.int32)[:words]
+            matcher.unsafe_compute_mask_ptr(bitmask[row].data_ptr(), words * 4)
         return rows, bitmask
 
     def _only_eos(self, words: int) -> torch.Tensor:
