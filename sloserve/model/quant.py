@@ -49,9 +49,26 @@ class DenseBF16:
                        if self.packed else weight)
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
-        if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(rows, self.weight, None, "none", [], "")
-        return F.linear(rows, self.weight)
+        if not self.packed:
+            return F.linear(rows, self.weight)
+        # oneDNN compiles and keeps a kernel for every row count it meets: with steps of
+        # any size (prompt chunks plus decodes) the engine's memory grew ~0.4 MB a request
+        # without end (benchmarks/soak.py). Padded to a few sizes, the kernels stay few.
+        n = rows.shape[0]
+        padded = _row_bucket(n)
+        if padded != n:
+            rows = F.pad(rows, (0, 0, 0, padded - n))
+        return torch.ops.mkldnn._linear_pointwise(rows, self.weight, None, "none", [],
+                                                  "")[:n]
+
+
+def _row_bucket(n: int) -> int:
+    """Row counts oneDNN sees: up to 16 as they are (decode), then multiples of 16 up to 256
+    and of 64 beyond (at most 1/16 extra rows from 256 on)."""
+    if n <= 16:
+        return n
+    step = 16 if n <= 256 else 64
+    return -(-n // step) * step
 
 
 def quantize_groups(weight: torch.Tensor, group: int = GROUP
