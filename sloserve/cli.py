@@ -54,7 +54,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
                               max_tokens_default=args.max_tokens_default,
                               generation_defaults=generation_defaults(args.generation_config,
                                                                       args.model),
-                              served_model_name=args.served_model_name, default_slo=slo)
+                              served_model_name=args.served_model_name, default_slo=slo,
+                              policy=args.policy)
         if args.mode:
             engine = cluster_engine(args)
         else:  # in a process of its own, as vLLM's engine core: no GIL shared with HTTP

@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, /v1/models,
-/health, /metrics."""
+/health, /metrics, and the live SLO page /dashboard."""
 
 from __future__ import annotations
 
@@ -13,10 +13,17 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import (
+    FileResponse,
+    JSONResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -24,6 +31,7 @@ from sloserve.interface import EngineClient, Prompt, RequestOutput
 from sloserve.model import structured
 from sloserve.request import SLO
 from sloserve.server.engine_loop import EngineLoop, QueueFull, Rejected, TimedOut
+from sloserve.server.live import LiveWindow
 from sloserve.server.metrics import ServerMetrics
 from sloserve.server.protocol import (
     ChatCompletionRequest,
@@ -32,6 +40,10 @@ from sloserve.server.protocol import (
     error_body,
 )
 from sloserve.server.tools import ToolMode, ToolStream
+
+
+STATIC = Path(__file__).parent / "static"
+DASHBOARD_ASSETS = ("uplot.iife.min.js", "uplot.min.css")
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,7 @@ class ServerConfig:
     max_tokens_default: int = 1024  # a request that sends no max_tokens gets at most this
     # temperature / top_p / top_k for requests that omit them (serve --generation-config)
     generation_defaults: dict[str, float] = field(default_factory=dict)
+    policy: str = ""  # the scheduling policy's name, shown on the live page
 
 
 class APIError(Exception):
@@ -69,9 +82,15 @@ def build_app(engine: EngineClient, config: ServerConfig, engine_thread: bool = 
     False, in which case the caller runs `app.state.loop.run()` itself."""
     model_name = config.served_model_name or engine.model_name
     metrics = ServerMetrics(engine, model_name)
+    live = LiveWindow(config.policy)
+
+    def on_finish(out: RequestOutput) -> None:
+        metrics.record(out)
+        live.record(out)
+
     # An engine in its own process (engine_process.EngineProcess) brings its own loop.
     make_loop = getattr(engine, "engine_loop", functools.partial(EngineLoop, engine))
-    loop = make_loop(config.max_waiting, on_finish=metrics.record)
+    loop = make_loop(config.max_waiting, on_finish=on_finish)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -93,6 +112,25 @@ def build_app(engine: EngineClient, config: ServerConfig, engine_thread: bool = 
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> Response:
+        return RedirectResponse("/dashboard")
+
+    @app.get("/dashboard", include_in_schema=False)
+    async def dashboard() -> Response:
+        return FileResponse(STATIC / "dashboard.html")
+
+    @app.get("/dashboard/data")
+    async def dashboard_data() -> dict:
+        """The live page's numbers: the last minute of finished requests per SLO class."""
+        return {"model": model_name, **live.snapshot(engine.stats())}
+
+    @app.get("/dashboard/{name}", include_in_schema=False)
+    async def dashboard_asset(name: str) -> Response:
+        if name not in DASHBOARD_ASSETS:
+            raise APIError(404, f"no such file: {name}")
+        return FileResponse(STATIC / name)
 
     @app.get("/v1/models")
     async def models() -> dict:
