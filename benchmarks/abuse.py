@@ -1,6 +1,9 @@
 """The server under careless and hostile clients at volume (issue: proof under abuse).
 
 Starts `sloserve serve` (int4, --max-waiting 256) on loopback and runs, one after the other:
+- bad input: malformed JSON, wrong types, huge n / max_tokens / top_logprobs, a negative
+  temperature, invalid UTF-8, a 10 MB prompt, a prompt of 1 million token ids: each must be
+  a 4xx within 1 s, and the server's peak RSS during them under 1.5x its idle RSS;
 - flood: N requests at once on N connections (default 2,000), each a short chat reply: every
   one must end with a reply, or a 429 / 503 carrying Retry-After; none lost, none hanging
   (each has 300 s);
@@ -119,6 +122,36 @@ class PeakRSS(threading.Thread):
             time.sleep(0.2)
 
 
+COMPLETIONS = f"{URL}/v1/completions"
+HI = [{"role": "user", "content": "hi"}]
+BAD_INPUTS = {  # name -> (url, JSON body or raw bytes)
+    "malformed JSON": (CHAT, b'{"messages": ['),
+    "wrong type": (CHAT, {"messages": "hi"}),
+    "n = 10^9": (CHAT, {"messages": HI, "n": 10**9}),
+    "max_tokens = 10^18": (CHAT, {"messages": HI, "max_tokens": 10**18}),
+    "top_logprobs = 10^6": (CHAT, {"messages": HI, "logprobs": True, "top_logprobs": 10**6}),
+    "temperature = -5": (CHAT, {"messages": HI, "temperature": -5}),
+    "invalid UTF-8": (CHAT, b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}'),
+    "10 MB prompt": (CHAT, {"messages": [{"role": "user", "content": "x" * 10**7}]}),
+    "1 million token ids": (COMPLETIONS, {"prompt": [5] * 10**6, "max_tokens": 4}),
+}
+
+
+def bad_inputs() -> dict:
+    answers = {}
+    with httpx.Client(timeout=30) as http:
+        for name, (url, payload) in BAD_INPUTS.items():
+            started = time.monotonic()
+            if isinstance(payload, bytes):
+                r = http.post(url, content=payload, headers={"Content-Type": "application/json"})
+            else:
+                r = http.post(url, json=payload)
+            answers[name] = {"status": r.status_code,
+                             "seconds": round(time.monotonic() - started, 3),
+                             "error": r.json()["error"]["message"][:80]}
+    return answers
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -134,7 +167,12 @@ def main() -> None:
         rss.start()
         time.sleep(1)
         idle_mb = rss.peak_mb
-        result = {"server": " ".join(cmd[2:]), "flood": asyncio.run(flood(args.flood))}
+        result = {"server": " ".join(cmd[2:]), "bad_inputs": bad_inputs()}
+        time.sleep(0.5)
+        result["bad_inputs_peak_rss_over_idle"] = round(rss.peak_mb / idle_mb, 3)
+        print("bad inputs", result["bad_inputs"], result["bad_inputs_peak_rss_over_idle"],
+              flush=True)
+        result["flood"] = asyncio.run(flood(args.flood))
         print("flood", result["flood"], flush=True)
         result["storm"] = asyncio.run(storm(args.storm))
         print("storm", result["storm"], flush=True)

@@ -4,9 +4,10 @@ Starts `sloserve serve --quantization int4 --policy slice` on loopback and sends
 (30% real-time, objectives x2 for this CPU) at `--rate` req/s (default 2.4, ~80% of the
 rate where slice's attainment falls below 90% here) for `--minutes`, through the bench
 client; samples the server's resident memory every 10 s. Reports errors (503s of admission
-control counted apart: refusing is its job), attainment per
-minute of arrivals, and RSS idle / after the first minute / last / peak; growth is measured
-from the first minute's end (the target: 0 errors, RSS flat within 10%, attainment steady). Writes benchmarks/results/soak.json:
+control counted apart: refusing is its job), attainment per minute of arrivals, and RSS
+idle / after the first minute / last / peak; growth is measured from the first minute's end
+(the target: 0 errors, RSS flat within 10%, attainment steady). Writes
+benchmarks/results/soak.json:
 
     python benchmarks/soak.py [--minutes 30] [--rate 2.4]
 """

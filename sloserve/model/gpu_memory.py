@@ -46,7 +46,7 @@ def _profile_step(model: DecoderLM, block_size: int, max_tokens: int, max_seqs: 
         query_start_loc=torch.tensor([0, tokens], **i32),
         seq_lens=torch.tensor([tokens], **i32),
         block_tables=torch.arange(pages, **i32)[None],
-        num_decodes=0, max_query_len=tokens, prefills=[(0, tokens, 0)])
+        num_decodes=0, max_query_len=tokens, prefills=[(0, tokens, 0)], max_seq_len=tokens)
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated(device)

@@ -41,7 +41,6 @@ from sloserve.server.protocol import (
 )
 from sloserve.server.tools import ToolMode, ToolStream
 
-
 STATIC = Path(__file__).parent / "static"
 DASHBOARD_ASSETS = ("uplot.iife.min.js", "uplot.min.css")
 

@@ -25,6 +25,7 @@ class DecodeGraphs:
                  max_blocks: int):
         self.sizes = [s for s in CAPTURE_SIZES if s < max_batch] + [max_batch]
         device = kv_caches[0].device
+        self.block_size = kv_caches[0].shape[2]
         i32 = dict(dtype=torch.int32, device=device)
         self.tokens = torch.zeros((4, max_batch), **i32)  # ids, positions, slots, seq_lens
         self.input_ids = torch.zeros(max_batch, dtype=torch.long, device=device)
@@ -43,7 +44,8 @@ class DecodeGraphs:
         return AttentionMetadata(
             slot_mapping=self.tokens[2, :bs], query_start_loc=self.query_start[: bs + 1],
             seq_lens=self.tokens[3, :bs], block_tables=self.block_tables[:bs],
-            num_decodes=bs, max_query_len=1, prefills=[])
+            num_decodes=bs, max_query_len=1, prefills=[],
+            max_seq_len=self.block_tables.shape[1] * self.block_size)
 
     def _capture(self, model: DecoderLM, kv_caches: list[torch.Tensor]) -> None:
         pool = None

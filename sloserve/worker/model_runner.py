@@ -168,7 +168,7 @@ class ModelRunner:
             seq_lens=to_device(step.seq_lens, i32, to),
             block_tables=pad_tables(step.tables).to(to, non_blocking=True),
             num_decodes=step.num_single, max_query_len=max(step.query_lens),
-            prefills=multi)
+            prefills=multi, max_seq_len=max(step.seq_lens))
 
     def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """KV of these blocks, every layer: [layers, 2, blocks, block_size, kv_heads, dim]."""

@@ -133,6 +133,34 @@ def test_gpu_bfloat16_logits_close_to_float32_reference():
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
 
 
+def _flash_available() -> bool:
+    from sloserve.model.attention import flash_paged
+
+    return torch.cuda.is_available() and flash_paged.flash_attn_varlen_func is not None
+
+
+@pytest.mark.skipif(not _flash_available(), reason="FlashAttention 3 needs vLLM's kernels "
+                                                   "and a GPU")
+def test_gpu_flash_backend_close_to_float32_reference_with_padding():
+    from sloserve.model.attention.flash_paged import FlashPagedAttention
+
+    heads, kv_heads, dim = 32, 8, 128
+    query_lens, seq_lens = [1] * 6 + [100, 64], [900, 1, 33, 512, 77, 300, 100, 1000]
+    meta, cache = paged_step(query_lens, seq_lens, kv_heads, dim, 200, torch.float32, pad=3)
+    tokens = sum(query_lens)
+    qkv = torch.randn(tokens + 3, heads + 2 * kv_heads, dim, device=DEVICE)
+    q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=1)
+    real = slice(0, tokens)
+    unpadded = AttentionMetadata(
+        meta.slot_mapping[real], meta.query_start_loc[:-3], meta.seq_lens[:-3],
+        meta.block_tables[:-3], meta.num_decodes, meta.max_query_len, meta.prefills)
+    expected = TorchPagedAttention(BLOCK).forward(q[real], k[real], v[real], cache.clone(),
+                                                  unpadded, dim ** -0.5)
+    bf16 = [t.bfloat16() for t in (q, k, v, cache)]
+    out = FlashPagedAttention(BLOCK).forward(*bf16, meta, dim ** -0.5)
+    torch.testing.assert_close(out[real].float(), expected, atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bfloat16 kernels need a GPU")
 def test_gpu_bfloat16_model_logits_close_to_torch_backend():
     """Prefill logits of a SmolLM2-shaped model in bfloat16, Triton vs pure-torch attention:

@@ -11,6 +11,7 @@ from sloserve.model.attention.base import AttentionBackend, AttentionMetadata
 BACKENDS = {  # name -> "module:class"
     "torch": "sloserve.model.attention.torch_paged:TorchPagedAttention",
     "triton": "sloserve.model.attention.triton_paged:TritonPagedAttention",
+    "flash": "sloserve.model.attention.flash_paged:FlashPagedAttention",
 }
 
 

@@ -24,6 +24,7 @@ class AttentionMetadata:
     max_query_len: int
     prefills: list[tuple[int, int, int]]  # host copy for the torch backend: (query start,
     #                                       query len, start position) per multi-token chunk
+    max_seq_len: int = 0  # the longest seq_len (a bound under CUDA graphs); 0: unknown
     # a backend's per-step values (masks, ...): the first layer computes, the others reuse
     per_step: dict = field(default_factory=dict)
 
