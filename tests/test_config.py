@@ -89,8 +89,13 @@ def test_backends_and_transfers_are_picked_by_name():
 
     assert backend_class("auto", "cpu").__name__ == "TorchPagedAttention"
     assert backend_class("triton", "cpu").supports_cuda_graphs
-    with pytest.raises(ValueError, match="auto, torch, triton"):
-        backend_class("flash", "cuda")
+    with pytest.raises(ValueError, match="auto, torch, triton, flash"):
+        backend_class("flashinfer", "cuda")
+    from sloserve.model.attention import flash_paged
+
+    if flash_paged.flash_attn_varlen_func is None:  # no vLLM kernels: refused by name
+        with pytest.raises(ValueError, match="needs vLLM's FlashAttention"):
+            backend_class("flash", "cuda")(16)
     assert transfer_class("direct").pairwise and not transfer_class("object-store").pairwise
     with pytest.raises(ValueError, match="direct, object-store"):
         transfer_class("rdma")
