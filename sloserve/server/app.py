@@ -11,6 +11,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ from sloserve.server.protocol import (
 from sloserve.server.tools import ToolMode, ToolStream
 
 STATIC = Path(__file__).parent / "static"
+INTAKE_TIMEOUT_S = 10.0  # validating one request (tokenizing, compiling its grammar)
 DASHBOARD_ASSETS = ("uplot.iife.min.js", "uplot.min.css")
 
 
@@ -216,6 +218,8 @@ class _Handler:
         self.engine, self.loop, self.config = engine, loop, config
         self.model_name = model_name
         self.started = int(time.time())
+        # one thread: requests are validated in arrival order, the tokenizer never shared
+        self.intake = ThreadPoolExecutor(1, thread_name_prefix="intake")
 
     @functools.lru_cache(maxsize=65536)
     def _token_text(self, token_id: int) -> str:
@@ -225,7 +229,7 @@ class _Handler:
         if body.model not in (None, self.model_name):
             raise APIError(404, f"model {body.model!r} does not exist; this server serves "
                                 f"{self.model_name!r}", param="model")
-        requests = self._make_requests(body, prompts)
+        requests = await self._intake(body, prompts)
         streams = self._submit(requests, self.config.request_timeout_s)
         base = _ResponseBase(
             ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, int(time.time()),
@@ -238,6 +242,17 @@ class _Handler:
             return StreamingResponse(base.sse(merged, firsts, include_usage),
                                      media_type="text/event-stream")
         return await base.collect(merged, firsts)
+
+    async def _intake(self, body: GenerationBody, prompts: list[Prompt]) -> list:
+        """Validate, tokenize and compile constraints on the intake thread, not the event
+        loop: a long prompt or a costly grammar must not stall every other stream."""
+        work = asyncio.get_running_loop().run_in_executor(
+            self.intake, functools.partial(self._make_requests, body, prompts))
+        try:
+            return await asyncio.wait_for(asyncio.shield(work), INTAKE_TIMEOUT_S)
+        except TimeoutError:
+            raise APIError(400, f"the request took more than {INTAKE_TIMEOUT_S:g} s to "
+                                f"validate (a prompt or constraint too costly)") from None
 
     def _make_requests(self, body: GenerationBody, prompts: list[Prompt]) -> list:
         slo = _or_400(lambda: body.slo_with_defaults(self.config.default_slo), "slo")
