@@ -194,6 +194,15 @@ def ratios(parts: dict) -> dict:
     return r
 
 
+def attention_backend() -> str:
+    """The attention backend sloserve's `auto` picks here (FA3 where vLLM is unpacked)."""
+    import torch
+
+    from sloserve.model.attention import backend_class
+
+    return backend_class("auto", "cuda", torch.bfloat16).__name__
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -211,6 +220,8 @@ def main() -> None:
     parts = record.get("parts", {})
     commands = record.get("commands", {})
     command = "python " + " ".join(sys.argv)
+    stamp = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"),
+             "sloserve_attention": attention_backend()}
     for part in args.parts.split(","):
         if part == "offline":
             parts["offline"] = offline(out)
@@ -228,12 +239,11 @@ def main() -> None:
             slo = parts.setdefault("slo_longprompt", {})
             for name in args.slo_engines.split(","):
                 slo[name] = slo_sweep(name, slo_server_command(name), out, rates)
-                commands[f"slo {name}"] = {"command": command,
-                                           "date": time.strftime("%Y-%m-%d %H:%M")}
+                commands[f"slo {name}"] = stamp
             continue
         else:
             raise SystemExit(f"unknown part {part!r}")
-        commands[part] = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M")}
+        commands[part] = stamp
     import vllm
 
     record = {"device": machine(), "vllm_version": vllm.__version__, "commands": commands,

@@ -112,7 +112,7 @@ def load(spec: str | None, dtype: torch.dtype, device: torch.device,
     name, folder, dummy = resolve(spec)
     hf_config = dummy if dummy is not None else json.loads((folder / "config.json").read_text())
     config = ModelConfig.from_hf(hf_config)
-    backend = make_backend(attention_backend, device.type, block_size)
+    backend = make_backend(attention_backend, device.type, block_size, dtype)
     decoder = family(config).decoder
     model = empty_model(config, dtype, device, backend, decoder)
     if dummy is not None:

@@ -13,6 +13,12 @@ __all__ = ["ServerConfig", "build_app", "serve"]
 
 log = logging.getLogger("sloserve.server")
 
+# An idle keep-alive connection is closed after this long. It must outlast the expiry of the
+# clients' pools (httpx and so the openai package: 5 s; proxies such as nginx: 60 s): at
+# uvicorn's default of 5 s both sides close at once and a request sent on the closing
+# connection is lost (the soak saw 2 httpx ReadErrors in 4,320 requests).
+KEEP_ALIVE_S = 75
+
 
 def serve(engine: EngineClient, config: ServerConfig) -> None:
     """Serve until SIGINT/SIGTERM; then stop accepting, let in-flight requests finish for up
@@ -28,7 +34,7 @@ def serve(engine: EngineClient, config: ServerConfig) -> None:
     app = build_app(engine, config, engine_thread=False)
     server = uvicorn.Server(uvicorn.Config(
         app, host=config.host, port=config.port, log_level="info",
-        timeout_graceful_shutdown=config.shutdown_timeout_s))
+        timeout_keep_alive=KEEP_ALIVE_S, timeout_graceful_shutdown=config.shutdown_timeout_s))
 
     def shut_down(signum: int, _frame) -> None:
         log.info("received %s: draining", signal.Signals(signum).name)

@@ -1,12 +1,14 @@
 """GPU attention backend: FlashAttention 3 (Hopper) over the paged KV cache, from the
 kernels vLLM ships (`vllm.vllm_flash_attn`), where they are installed.
 
-The Triton backend walks each sequence's pages with one program per (sequence, KV head);
-at large decode batches and long prompts FA3's warp-specialised kernels read the cache
-closer to the bandwidth bound. K and V are written by the Triton backend's kernel; FA3
-reads the cache as it lies ([num_blocks, block_size, kv_heads, dim] per plane) through the
-block table, with each sequence's length from seq_lens, so padded CUDA-graph rows
-(seq_len 0) cost nothing. bfloat16 / float16 only.
+Steps that carry a prefill chunk go to FA3: its warp-specialised kernels prefill 4k / 16k /
+28k-token prompts in 0.92x / 0.80x / 0.72x the Triton kernels' time on an H200; decode-only
+steps (those CUDA graphs replay) stay on the Triton kernels, as fast there (FA3: 1.02x /
+1.04x / 0.97x at batch 1 / 64 / 256; benchmarks/results/attention_backends.json). K and V
+are written by the Triton backend's kernel; FA3 reads the cache as it lies ([num_blocks,
+block_size, kv_heads, dim] per plane) through the block table, with each sequence's length
+from seq_lens, so padded rows (seq_len 0) cost nothing. bfloat16 / float16 only; `auto`
+picks it on CUDA where vLLM is installed.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from sloserve.model.attention.triton_paged import TritonPagedAttention
 
 try:
     from vllm.vllm_flash_attn import flash_attn_varlen_func
-except ImportError:  # no vLLM here: the backend cannot be picked
+except (ImportError, OSError):  # no vLLM here, or one built for another torch: not offered
     flash_attn_varlen_func = None
 
 FA_VERSION = 3
@@ -39,6 +41,8 @@ class FlashPagedAttention(TritonPagedAttention):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        if meta.max_query_len == 1:
+            return super().forward(q, k, v, cache, meta, scale)
         self.write_kv(cache, k, v, meta.slot_mapping)
         out = torch.empty_like(q)
         max_seq_len = meta.max_seq_len or meta.block_tables.shape[1] * self.block_size
