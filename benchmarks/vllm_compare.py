@@ -221,7 +221,7 @@ def main() -> None:
     commands = record.get("commands", {})
     command = "python " + " ".join(sys.argv)
     stamp = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"),
-             "sloserve_attention": attention_backend()}
+             "sloserve_attention": attention_backend(), "device": machine()}
     for part in args.parts.split(","):
         if part == "offline":
             parts["offline"] = offline(out)

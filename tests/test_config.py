@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 import sloserve
 from sloserve.cli import build_parser
@@ -93,9 +94,14 @@ def test_backends_and_transfers_are_picked_by_name():
         backend_class("flashinfer", "cuda")
     from sloserve.model.attention import flash_paged
 
-    if flash_paged.flash_attn_varlen_func is None:  # no vLLM kernels: refused by name
+    installed = flash_paged.flash_attn_varlen_func is not None
+    if not installed:  # no vLLM kernels: refused by name
         with pytest.raises(ValueError, match="needs vLLM's FlashAttention"):
             backend_class("flash", "cuda")(16)
+    # auto: FA3 only for 16-bit dtypes where it is installed
+    assert backend_class("auto", "cuda", torch.float32).__name__ == "TritonPagedAttention"
+    assert backend_class("auto", "cuda", torch.bfloat16).__name__ == (
+        "FlashPagedAttention" if installed else "TritonPagedAttention")
     assert transfer_class("direct").pairwise and not transfer_class("object-store").pairwise
     with pytest.raises(ValueError, match="direct, object-store"):
         transfer_class("rdma")

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -27,8 +28,11 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "sloserve.cli", "serve", "--port", str(self.port), *args]
+        # its log goes to a file: a pipe nobody reads fills after ~64 KB of access log and
+        # then blocks the server's logging call, and with it the HTTP event loop
+        self.log = tempfile.TemporaryFile()
         # a session of its own: a test may signal the server's whole process group
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"},
                                      start_new_session=True)
         self._wait_ready()
@@ -39,7 +43,12 @@ class ServerProcess:
         except RuntimeError:
             if self.proc.poll() is None:
                 raise
-            raise RuntimeError(f"server exited:\n{self.proc.stdout.read().decode()}") from None
+            raise RuntimeError(f"server exited:\n{self.output()}") from None
+
+    def output(self) -> str:
+        """What the server has logged so far."""
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
 
     def metric(self, name: str) -> float:
         text = httpx.get(f"{self.url}/metrics").text

@@ -204,7 +204,7 @@ def test_sigterm_to_the_process_group_finishes_in_flight_requests_then_exits():
     assert all(f.choices[0].text is not None for f in firsts)
     assert all(rest[-1].choices[0].finish_reason == "length" for rest in rests)
     assert srv.proc.wait(30) == 0
-    assert b"Application shutdown complete" in srv.proc.stdout.read()
+    assert "Application shutdown complete" in srv.output()
 
 
 def test_admission_control_503_and_request_timeout_408():
