@@ -5,7 +5,6 @@ backend needs triton, which a CPU-only install may lack."""
 from __future__ import annotations
 
 import importlib
-import importlib.util
 
 import torch
 
@@ -39,8 +38,6 @@ def backend_class(name: str, device_type: str, dtype: torch.dtype = torch.float3
 
 
 def _flash_installed() -> bool:
-    if importlib.util.find_spec("vllm") is None:
-        return False
     from sloserve.model.attention import flash_paged
 
     return flash_paged.flash_attn_varlen_func is not None
