@@ -1,4 +1,4 @@
-"""4-bit weights: the grid round-trips, the kernel multiplies by that grid, the int8 head keeps
+"""4-bit weights: the grid round-trips, the kernel multiplies by that grid, the 4-bit-ranked head keeps
 float logits where they decide, and the quantized
 embedded model still answers like the float one."""
 
@@ -13,7 +13,7 @@ from sloserve import LLM, SamplingParams
 from sloserve.model.quant import (
     GROUP,
     Int4Linear,
-    Int8Head,
+    QuantizedHead,
     dequantize_groups,
     int4_available,
     quantize_groups,
@@ -51,12 +51,12 @@ def test_int4_linear_multiplies_by_the_dequantized_weight():
         torch.testing.assert_close(layer(x), expected, rtol=2e-2, atol=2e-2)
 
 
-def test_int8_head_gives_float_logits_at_its_top_tokens():
-    """The int8 kernel ranks; the top tokens' logits are float32's, so greedy picks are."""
+def test_quantized_head_gives_float_logits_at_its_top_tokens():
+    """The int4 kernel ranks; the top tokens' logits are float32's, so greedy picks are."""
     torch.manual_seed(0)
     linear = nn.Linear(64, 5000, bias=False)
-    head = Int8Head(linear)
-    for rows in (1, 3, 40):  # the int8 kernel, then the bfloat16 copy
+    head = QuantizedHead(linear)
+    for rows in (1, 3, 40):  # the int4 kernel, then the bfloat16 copy
         x = torch.randn(rows, 64) * 4
         with torch.no_grad():
             expected, logits = F.linear(x, linear.weight), head(x)
@@ -65,8 +65,9 @@ def test_int8_head_gives_float_logits_at_its_top_tokens():
         torch.testing.assert_close(logits.gather(1, top), expected.gather(1, top),
                                    rtol=1e-5, atol=1e-5)
         assert torch.equal(logits.argmax(-1), expected.argmax(-1))
-        # everywhere else: close (the ranking), not exact
-        torch.testing.assert_close(logits, expected, rtol=5e-2, atol=0.1)
+        # everywhere else the ranking's: 4-bit codes (<= 4 rows) are off by at most a
+        # quarter of the logits' spread here, bfloat16 of the float weight far less
+        assert (logits - expected).abs().max() < 0.3 * expected.std()
 
 
 def test_quantized_model_answers_like_the_float_one(llm):
