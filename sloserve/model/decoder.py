@@ -87,12 +87,16 @@ class Rotary(nn.Module):
                 triton_ops.rotary_(x, positions, self.cos, self.sin)
                 return x
             return rotate_in_place
-        cos = self.cos[positions][:, None, :]
-        sin = self.sin[positions][:, None, :]
+        cos, sin = self.cos[positions], self.sin[positions]
+        # x * [cos, cos] + [x2, x1] * [-sin, sin]: HF's x1 cos - x2 sin, x2 cos + x1 sin to
+        # the bit, in five ops a layer instead of nine (a decode step on the CPU is op-bound)
+        cos = torch.cat((cos, cos), dim=-1)[:, None, :]
+        sin = torch.cat((-sin, sin), dim=-1)[:, None, :]
 
         def rotate(x: torch.Tensor) -> torch.Tensor:
-            x1, x2 = x.float().chunk(2, dim=-1)
-            return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+            xf = x.float()
+            x1, x2 = xf.chunk(2, dim=-1)
+            return (xf * cos + torch.cat((x2, x1), dim=-1) * sin).to(x.dtype)
         return rotate
 
 

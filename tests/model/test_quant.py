@@ -1,6 +1,6 @@
-"""4-bit weights: the grid round-trips, the kernel multiplies by that grid, the 4-bit-ranked head keeps
-float logits where they decide, and the quantized
-embedded model still answers like the float one."""
+"""4-bit weights: the grid round-trips, the kernel multiplies by that grid, the 4-bit-ranked
+head keeps float logits where they decide, and the quantized embedded model still answers
+like the float one."""
 
 from __future__ import annotations
 

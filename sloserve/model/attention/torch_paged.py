@@ -21,7 +21,12 @@ class TorchPagedAttention(AttentionBackend):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """q: [T, heads, dim]; k, v: [T, kv_heads, dim]. Returns [T, heads, dim]."""
-        self.write_kv(cache, k, v, meta.slot_mapping)
+        slots = meta.per_step.get("slots")
+        if slots is None:  # index_copy_ wants int64: converted once a step, not per layer
+            slots = meta.per_step["slots"] = meta.slot_mapping.long()
+        self.write_kv(cache, k, v, slots)
+        if meta.num_decodes == q.shape[0]:  # decodes only
+            return self._decode(q, cache, meta, scale)
         out = torch.empty_like(q)
         if meta.num_decodes:
             out[: meta.num_decodes] = self._decode(q[: meta.num_decodes], cache, meta, scale)
