@@ -1,6 +1,8 @@
 """`sloserve tune` on this CPU, checked against the real server in the same run.
 
-1. Profile this machine (the embedded SmolLM2 in float32): the tuner's latency model.
+1. Profile this machine (the embedded SmolLM2, --quantization int4 as edge users serve it),
+   then serve the workload once at the defaults' predicted capacity and scale the profile by
+   how much slower steps ran served (sloserve/tune/calibrate.py): the tuner's latency model.
 2. Tune for the edge workload (objectives x --slo-scale: the shipped ones assume faster
    hardware), target 90% attainment, by simulation.
 3. Serve the defaults (`sloserve serve`, fcfs) and the winner for real and load each with the
@@ -22,8 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save  # noqa: E402
 
-from sloserve.sim.run import Deployment  # noqa: E402
-from sloserve.tune.command import profile_this_machine, row  # noqa: E402
+from sloserve.config import QUANTIZATIONS  # noqa: E402
+from sloserve.tune.command import profiled_problem, row  # noqa: E402
 from sloserve.tune.search import SUSTAINED, Problem, Tuner, rate  # noqa: E402
 from sloserve.tune.space import coarse_grid  # noqa: E402
 from sloserve.tune.verify import measure_served, served  # noqa: E402
@@ -35,9 +37,9 @@ def measured_capacity(candidate, problem: Problem, around: int, seconds: float,
     """Highest ladder rate whose attainment reaches the target: from two rungs below the
     prediction, up until a rung misses, or down until one passes (six rungs at most)."""
     points: dict[float, float] = {}
-    with served(candidate, None, folder, problem.serve_flags()) as url:
+    with served(candidate, None, folder, problem.serve_flags()) as server:
         def attains(k: int) -> bool:
-            points[rate(k)] = measure_served(url, problem, k, seconds)
+            points[rate(k)] = measure_served(server.url, problem, k, seconds)
             print(f"  {candidate.describe()} at {rate(k):.3g} req/s: {points[rate(k)]:.1%}",
                   flush=True)
             return points[rate(k)] >= problem.target
@@ -58,12 +60,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0,
                         help="seconds of arrivals per measured rate")
     parser.add_argument("--target", type=float, default=0.9)
+    parser.add_argument("--quantization", default="int4", choices=QUANTIZATIONS)
+    parser.add_argument("--calibrate-seconds", type=float, default=40.0,
+                        help="served calibration of the profile (0: the quiet profile)")
     args = parser.parse_args()
     folder = Path("tune-results/cpu")
     started = time.time()
-    profile = profile_this_machine(None, folder)
-    problem = Problem(workloads.load("edge").scaled(args.slo_scale),
-                      Deployment(latency_profile=str(profile)), args.target)
+    problem = profiled_problem(workloads.load("edge").scaled(args.slo_scale), folder,
+                               quantization=args.quantization,
+                               calibrate_seconds=args.calibrate_seconds, target=args.target)
     tuner = Tuner(problem, workers=2)
     ranked = tuner.run(coarse_grid())
     winner, default = tuner.final[0], tuner.baseline()
@@ -86,8 +91,12 @@ def main() -> None:
              if measured["winner"]["measured_req_s"] else None)
     path = save("tune_cpu", {
         "workload": f"edge, objectives x {args.slo_scale}", "target": args.target,
-        "model": "SmolLM2-135M-Instruct (embedded), float32",
-        "latency_profile": "measured in this run", "seconds_per_rate": args.seconds,
+        "model": f"SmolLM2-135M-Instruct (embedded), quantization {args.quantization}",
+        "latency_profile": "measured in this run" + (
+            f", then calibrated by {args.calibrate_seconds:g} s served"
+            if args.calibrate_seconds > 0 else ""),
+        "latency_profile_used": problem.hardware.latency_profile,
+        "seconds_per_rate": args.seconds,
         "sustained_sim": {"seconds": SUSTAINED.seconds, "min_requests": SUSTAINED.min_requests},
         "candidates_evaluated": len(tuner.results), "measured": measured,
         "ratios": {"tuned_over_default_capacity": ratio, "prediction_error": error},

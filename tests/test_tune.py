@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,8 +12,10 @@ import yaml
 
 from sloserve.cli import main, parse_args
 from sloserve.core.latency import LatencyModel
+from sloserve.core.policies.pacing import CalibratedSteps
 from sloserve.flags import engine_config
 from sloserve.sim.run import Deployment
+from sloserve.tune.calibrate import scaled, served_speeds
 from sloserve.tune.search import Problem, RunLength, Tuner
 from sloserve.tune.space import Candidate
 from sloserve.workload import spec as workloads
@@ -45,14 +48,33 @@ def test_a_search_with_a_known_optimum_finds_it(flat_profile):
     assert all(e.capacity < ranked[0].capacity for e in ranked[1:])
 
 
-def test_the_winner_round_trips_through_serve_config(tmp_path):
+def test_the_winner_round_trips_through_serve_config(tmp_path, flat_profile):
     winner = Candidate("slice", (("period_ms", 500.0), ("ratio", 0.75)), 64, 512)
+    problem = Problem(workloads.parse(WORKLOAD), Deployment(latency_profile=str(flat_profile)),
+                      quantization="int4")
     path = tmp_path / "tuned.yaml"
-    path.write_text("# a comment\n" + yaml.safe_dump(winner.config_file()))
-    config = engine_config(parse_args(["serve", "--config", str(path)]))
-    assert config.scheduler == winner.scheduler()
-    flags = engine_config(parse_args(["serve", *winner.flags()]))
-    assert flags.scheduler == winner.scheduler()
+    path.write_text("# a comment\n" + yaml.safe_dump({**winner.config_file(),
+                                                      **problem.engine()}))
+    # slice prices steps with the profile tuned on
+    expected = dataclasses.replace(winner.scheduler(), policy_options={
+        **dict(winner.options), "latency": str(flat_profile)})
+    for argv in (["--config", str(path)], [*winner.flags(), *problem.serve_flags()]):
+        config = engine_config(parse_args(["serve", *argv]))
+        assert config.quantization == "int4"
+        assert config.scheduler == expected
+
+
+def test_a_served_calibration_scales_the_profile_by_what_pacing_learned():
+    """The factors come from the stats line slice's pacing writes (its own format)."""
+    quiet = LatencyModel((1, 64), (0.01, 0.02), (16, 1024), (0.02, 0.5))
+    steps = CalibratedSteps(quiet)
+    steps.decode_speed, steps.prompt_speed = 1.3, 1.6
+    log = ("INFO sloserve.engine: 9.0 steps/s; steps take x1.00 (decode) / x1.00 (with prompts)"
+           f" the profile's\nINFO sloserve.engine: 12.0 steps/s; {steps.state()}\n")
+    assert served_speeds(log) == (1.3, 1.6) and served_speeds("no pacing here") is None
+    served = scaled(quiet, 1.3, 1.6)
+    assert served.decode_time(8) == pytest.approx(1.3 * quiet.decode_time(8))
+    assert served.prefill_time(1000) == pytest.approx(1.6 * quiet.prefill_time(1000))
 
 
 def test_bad_tune_inputs_are_one_line_errors(capsys):

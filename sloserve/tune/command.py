@@ -4,11 +4,13 @@ by simulation, written as a ready command line and a file for `sloserve serve --
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
 from pathlib import Path
 
+from sloserve.config import QUANTIZATIONS
 from sloserve.core.policies import policy_names
 from sloserve.errors import UsageError
 from sloserve.sim.run import Deployment, latency_model
@@ -19,9 +21,10 @@ from sloserve.tune.search import (
     Problem,
     RunLength,
     Tuner,
+    evaluate,
     rate,
 )
-from sloserve.tune.space import coarse_grid
+from sloserve.tune.space import coarse_grid, default_candidate
 from sloserve.workload import spec as workloads
 
 
@@ -39,6 +42,11 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--profile-now", action="store_true",
                    help="profile this machine first (with --model; default the embedded one)")
     g.add_argument("--model", default=None, help="with --profile-now and --verify")
+    g.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
+                   help="with --profile-now and --verify: as `serve --quantization`")
+    g.add_argument("--calibrate-seconds", type=float, default=40.0,
+                   help="with --profile-now: serve the workload this long to learn how much "
+                        "slower steps run served than profiled (0: trust the quiet profile)")
     g.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--num-gpus", type=int, default=1,
                    help="several: also search colocated / disagg / tropical layouts")
@@ -65,24 +73,41 @@ def problem(args: argparse.Namespace, folder: Path) -> Problem:
         workload = workloads.load(args.workload).scaled(args.slo_scale)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    profile = args.latency_profile
     if args.profile_now:
-        profile = str(profile_this_machine(args.model, folder))
-    hardware = Deployment(latency_profile=profile, gpu=args.gpu, model_shape=args.model_shape,
-                          num_kv_blocks=args.num_kv_blocks)
+        return profiled_problem(workload, folder, args.model, args.quantization,
+                                args.calibrate_seconds, args.target, args.seed)
+    hardware = Deployment(latency_profile=args.latency_profile, gpu=args.gpu,
+                          model_shape=args.model_shape, num_kv_blocks=args.num_kv_blocks)
     try:
         latency_model(hardware)
     except (ValueError, OSError) as e:
         raise UsageError(str(e)) from None
-    return Problem(workload, hardware, args.target, args.seed)
+    return Problem(workload, hardware, args.target, args.seed, args.quantization)
 
 
-def profile_this_machine(model: str | None, folder: Path) -> Path:
+def profiled_problem(workload: workloads.WorkloadSpec, folder: Path, model: str | None = None,
+                     quantization: str = "none", calibrate_seconds: float = 40.0,
+                     target: float = 0.9, seed: int = 0) -> Problem:
+    """The problem on this machine: profiled now, then (calibrate_seconds > 0) corrected by
+    serving the workload at the defaults' predicted capacity (tune/calibrate.py)."""
+    quiet = profile_this_machine(model, folder, quantization)
+    problem = Problem(workload, Deployment(latency_profile=str(quiet)), target, seed,
+                      quantization)
+    if calibrate_seconds <= 0:
+        return problem
+    from sloserve.tune.calibrate import calibrate_served
+
+    k = evaluate(problem, default_candidate(), 0, False, SCREEN).capacity_k or 0
+    served = calibrate_served(problem, k, calibrate_seconds, folder, model)
+    return dataclasses.replace(problem, hardware=Deployment(latency_profile=str(served)))
+
+
+def profile_this_machine(model: str | None, folder: Path, quantization: str = "none") -> Path:
     from sloserve.config import EngineConfig
     from sloserve.engine import LLMEngine
     from sloserve.profiler import profile
 
-    engine = LLMEngine(EngineConfig(model=model))
+    engine = LLMEngine(EngineConfig(model=model, quantization=quantization))
     path = folder / "latency-profile.json"
     folder.mkdir(parents=True, exist_ok=True)
     model_ = profile(engine, [1, 2, 4, 8, 16, 32, 64], [16, 64, 256, 1024])
@@ -141,8 +166,7 @@ def write_results(folder: Path, args: argparse.Namespace, tuner: Tuner,
                      f"{closest.candidate.describe()} (best attainment seen: {best:.1%})")
         return "\n".join(lines)
     extra = tuner.problem.serve_flags()
-    config = {**winner.candidate.config_file(),
-              **({"latency_profile": extra[1]} if extra else {})}
+    config = {**winner.candidate.config_file(), **tuner.problem.engine()}
     (folder / "tuned.yaml").write_text(
         f"# sloserve tune --workload {args.workload} --target {args.target}: "
         f"{winner.per_gpu:.3g} req/s per GPU predicted\n"

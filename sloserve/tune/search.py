@@ -73,12 +73,20 @@ class Problem:
     hardware: Deployment
     target: float = 0.9
     seed: int = 0
+    quantization: str = "none"  # of the engine profiled
 
     def serve_flags(self) -> list[str]:
         """What `sloserve serve` needs beside a candidate's flags to run as simulated: the
-        latency profile, which policies that price steps (slice) read."""
-        profile = self.hardware.latency_profile
-        return ["--latency-profile", profile] if profile else []
+        engine profiled and the latency profile, which policies that price steps (slice)
+        read."""
+        return [f"--{key.replace('_', '-')}={value}" for key, value in self.engine().items()]
+
+    def engine(self) -> dict[str, str]:
+        """The same as serve settings (`serve --config` keys)."""
+        out = {"quantization": self.quantization} if self.quantization != "none" else {}
+        if self.hardware.latency_profile:
+            out["latency_profile"] = self.hardware.latency_profile
+        return out
 
 
 def measure(problem: Problem, candidate: Candidate, k: int, length: RunLength) -> dict:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 from sloserve.bench.client import ClientConfig, run_requests, wait_until_healthy
 from sloserve.tune.search import SUSTAINED, Evaluation, Problem, measure, rate
@@ -28,10 +29,10 @@ def verify(finals: list[Evaluation], problem: Problem, args, folder: Path) -> st
     for e in finals:
         if e.capacity_k is None:
             continue
-        with served(e.candidate, args.model, folder, problem.serve_flags()) as url:
+        with served(e.candidate, args.model, folder, problem.serve_flags()) as server:
             for k in (e.capacity_k, e.capacity_k + HIGHER):
                 predicted = e.points.get(rate(k)) or measure(problem, e.candidate, k, SUSTAINED)
-                measured = measure_served(url, problem, k, args.verify_seconds)
+                measured = measure_served(server.url, problem, k, args.verify_seconds)
                 lines.append(f"{e.candidate.describe():58s} {rate(k):7.3g} "
                              f"{predicted['slo_attainment']:9.1%} {measured:9.1%}")
     return "\n".join(lines)
@@ -49,9 +50,14 @@ def measure_served(url: str, problem: Problem, k: int, seconds: float) -> float:
     return summarize(records, duration)["slo_attainment"]
 
 
+class Served(NamedTuple):
+    url: str
+    log: Path  # the server's output
+
+
 @contextlib.contextmanager
 def served(candidate: Candidate, model: str | None, folder: Path,
-           extra: list[str] = ()) -> Iterator[str]:
+           extra: list[str] = ()) -> Iterator[Served]:
     """`sloserve serve` with the candidate's flags on a free port, until the block ends."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -59,12 +65,13 @@ def served(candidate: Candidate, model: str | None, folder: Path,
     argv = [sys.executable, "-m", "sloserve.cli", "serve", "--port", str(port),
             *candidate.flags(), *extra, *(["--model", model] if model else [])]
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / f"serve-{port}.log", "w") as log:
+    log_path = folder / f"serve-{port}.log"
+    with open(log_path, "w") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         try:
             url = f"http://127.0.0.1:{port}"
             wait_until_healthy(url, proc)
-            yield url
+            yield Served(url, log_path)
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
