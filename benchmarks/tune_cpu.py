@@ -17,6 +17,7 @@ Writes benchmarks/results/tune_cpu.json with "ratios": {"tuned_over_default_capa
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -95,7 +96,8 @@ def main() -> None:
         "latency_profile": "measured in this run" + (
             f", then calibrated by {args.calibrate_seconds:g} s served"
             if args.calibrate_seconds > 0 else ""),
-        "latency_profile_used": problem.hardware.latency_profile,
+        "served_calibration": json.loads(Path(problem.hardware.latency_profile).read_text())
+        .get("served_calibration"),
         "seconds_per_rate": args.seconds,
         "sustained_sim": {"seconds": SUSTAINED.seconds, "min_requests": SUSTAINED.min_requests},
         "candidates_evaluated": len(tuner.results), "measured": measured,

@@ -4,25 +4,33 @@
 with the HTTP server's process, tokenization and, where the load is generated on the same
 box, the client: on a 2-core CPU the tuner's predictions from a quiet profile were 33-46%
 above the capacities then measured (benchmarks/results/tune_cpu.json, 2026-12-02). So the
-profile is checked once under load: the workload is served under `slice`, whose pacing
-learns how much slower than the profile decode-only steps and steps with prompts run
-(CalibratedSteps, logged in the engine's stats line), and the profile is scaled by those two
-factors."""
+profile is checked under load: the workload is served under `slice`, whose pacing learns how
+much slower than the profile decode-only steps and steps with prompts run (CalibratedSteps,
+logged in the engine's stats line), and the profile is scaled by those two factors.
+
+The factors depend on the load they are learned at (an overloaded server runs bigger, longer
+steps beside a busier HTTP process): learned at the capacity the quiet profile predicts, they
+were ~2x on this CPU and the prediction fell below what the server then held. So the rate is
+searched: the factors learned at rate r predict a capacity f(r), lower as r grows, and the
+rate where f(r) = r is bisected on the tuner's ladder, a few served runs in all."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
 
 from sloserve.core.latency import LatencyModel
-from sloserve.tune.search import Problem, rate
-from sloserve.tune.space import Candidate
+from sloserve.sim.run import Deployment
+from sloserve.tune.search import SCREEN, Problem, evaluate, rate
+from sloserve.tune.space import Candidate, default_candidate
 from sloserve.tune.verify import measure_served, served
 
 # what CalibratedSteps.state() writes into the stats line
 _SPEEDS = re.compile(r"steps take x([\d.]+) \(decode\) / x([\d.]+) \(with prompts\)")
 STATS_INTERVAL_S = 5
+MAX_ROUNDS = 4  # served runs: the bracket of ~10 rungs halves each round
 
 
 def served_speeds(log_text: str) -> tuple[float, float] | None:
@@ -63,3 +71,30 @@ def calibrate_served(problem: Problem, k: int, seconds: float, folder: Path,
     print(f"served at {rate(k):.3g} req/s, steps took x{speeds[0]:.2f} (decode) / "
           f"x{speeds[1]:.2f} (with prompts) the quiet profile: {out}", flush=True)
     return out
+
+
+def calibrated_problem(problem: Problem, seconds: float, folder: Path,
+                       model: str | None = None) -> Problem:
+    """The problem with its (quiet) profile calibrated at the rate where the defaults'
+    predicted capacity equals the rate served."""
+    def capacity(p: Problem) -> int:
+        return evaluate(p, default_candidate(), 0, False, SCREEN).capacity_k or 0
+
+    def served_at(k: int) -> tuple[Problem, int]:
+        path = calibrate_served(problem, k, seconds, folder, model)
+        calibrated = dataclasses.replace(problem, hardware=Deployment(latency_profile=str(path)))
+        return calibrated, capacity(calibrated)
+
+    hi = capacity(problem)  # the quiet profile's prediction: served, at most this
+    best, lo = served_at(hi)
+    k = hi
+    for _ in range(MAX_ROUNDS - 1):
+        if hi - lo <= 1:
+            break
+        k = (lo + hi) // 2
+        best, predicted = served_at(k)
+        if abs(predicted - k) <= 1:
+            break
+        lo, hi = (k, hi) if predicted > k else (lo, k)
+    print(f"served calibration at {rate(k):.3g} req/s", flush=True)
+    return best

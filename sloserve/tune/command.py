@@ -4,7 +4,6 @@ by simulation, written as a ready command line and a file for `sloserve serve --
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import time
@@ -21,10 +20,9 @@ from sloserve.tune.search import (
     Problem,
     RunLength,
     Tuner,
-    evaluate,
     rate,
 )
-from sloserve.tune.space import coarse_grid, default_candidate
+from sloserve.tune.space import coarse_grid
 from sloserve.workload import spec as workloads
 
 
@@ -95,11 +93,9 @@ def profiled_problem(workload: workloads.WorkloadSpec, folder: Path, model: str 
                       quantization)
     if calibrate_seconds <= 0:
         return problem
-    from sloserve.tune.calibrate import calibrate_served
+    from sloserve.tune.calibrate import calibrated_problem
 
-    k = evaluate(problem, default_candidate(), 0, False, SCREEN).capacity_k or 0
-    served = calibrate_served(problem, k, calibrate_seconds, folder, model)
-    return dataclasses.replace(problem, hardware=Deployment(latency_profile=str(served)))
+    return calibrated_problem(problem, calibrate_seconds, folder, model)
 
 
 def profile_this_machine(model: str | None, folder: Path, quantization: str = "none") -> Path:
