@@ -35,7 +35,7 @@ class RunLength:
         return max(self.min_requests, math.ceil(rate * self.seconds))
 
 
-SCREEN = RunLength(10.0, 200)  # ranks candidates; finalists get sustained runs
+SCREEN = RunLength(6.0, 200)  # ranks candidates; finalists get sustained runs
 SUSTAINED = RunLength(60.0, 10_000)  # the project's bar for SLO results in the simulator
 
 
@@ -107,12 +107,13 @@ def measure(problem: Problem, candidate: Candidate, k: int, length: RunLength) -
             "num_requests": len(specs), "stopped_early": len(records) < len(specs)}
 
 
-def search_capacity(passes: Callable[[int], bool], start: int, prune: bool
-                    ) -> tuple[int | None, int | None]:
+def search_capacity(passes: Callable[[int], bool], start: int, prune: bool,
+                    near: bool = False) -> tuple[int | None, int | None]:
     """(capacity k, pruned-below k) on the ladder, probing from `start`. With `prune`, a miss
     at `start` ends the search there (the candidate is worse than the incumbent), and a pass
     climbs one rung at a time: a contender is rarely far above the incumbent, and a run far
-    past its capacity is the costliest to simulate."""
+    past its capacity is the costliest to simulate. `near`: start is an estimate of the
+    capacity (a finalist's screening), so passes climb one rung at a time too."""
     if not passes(start):
         if prune:
             return None, start
@@ -130,7 +131,7 @@ def search_capacity(passes: Callable[[int], bool], start: int, prune: bool
             hi = min(HIGHEST, lo + step)
             if hi == lo or not passes(hi):
                 break
-            lo, step = hi, step if prune else step * 2
+            lo, step = hi, step if prune or near else step * 2
         if hi == lo:
             return lo, None
     while hi - lo > 1:  # lo passes, hi misses
@@ -148,7 +149,7 @@ def evaluate(problem: Problem, candidate: Candidate, start: int, prune: bool,
         ev.points[rate(k)] = point
         return point["slo_attainment"] >= problem.target
 
-    ev.capacity_k, ev.below_k = search_capacity(passes, start, prune)
+    ev.capacity_k, ev.below_k = search_capacity(passes, start, prune, near=sustained)
     return ev
 
 

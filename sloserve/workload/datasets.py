@@ -160,6 +160,7 @@ def tokenizer():
     return Tokenizer.from_file(str(path))
 
 
+@functools.lru_cache(maxsize=1 << 16)  # workloads are rebuilt per simulated rate (the tuner)
 def count_tokens(text: str) -> int:
     return len(tokenizer().encode(text, add_special_tokens=False).ids)
 
