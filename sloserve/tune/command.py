@@ -203,7 +203,7 @@ def table(ranked: list[Evaluation], target: float) -> str:
                else f"{e.per_gpu:.3g}") + ("" if e.sustained else "*")
         lines.append(f"{i:3d} {e.candidate.describe():58s} {cap:>12} "
                      f"{_ms(at.get('ttft_p90_ms')):>9} {_ms(at.get('tpot_p90_ms')):>9}")
-    lines.append("* screening runs (6 s of arrivals); the rest: sustained runs")
+    lines.append(f"* screening runs ({SCREEN.seconds:g} s of arrivals); the rest: sustained runs")
     return "\n".join(lines)
 
 
