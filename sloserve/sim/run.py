@@ -24,8 +24,8 @@ class Deployment:
     scheduler and its policy, and how many instances behind which router."""
 
     latency_profile: str | None = None  # JSON from `sloserve profile`; None: shipped CPU one
-    gpu: str | None = setting(None, "h100 | h200 | a100: an analytic roofline instead of a "
-                                    "latency profile")
+    gpu: str | None = setting(None, "h100 | h200 | a100: an analytic roofline (with a "
+                                    "latency profile: the GPU's memory, the profile's times)")
     model_shape: str = setting("llama-3-8b", "with --gpu: a named model shape")
     num_instances: int = setting(1, "simulated engine instances")
     router: str = setting("least_queued", "least_queued | round_robin | least_loaded "
@@ -70,7 +70,11 @@ def latency_model(d: Deployment) -> tuple[Any, int]:
     blocks = d.num_kv_blocks or int(free // (shape.kv_bytes_per_token * d.block_size))
     if blocks <= 0:
         raise ValueError(f"{d.model_shape} does not fit on one {gpu.name}")
-    return RooflineModel(gpu, shape), blocks
+    # a profile measured on that GPU prices steps better than the roofline; the KV cache is
+    # still the GPU's (a 1 GiB CPU cache would hold one long prompt)
+    latency = LatencyModel.from_file(d.latency_profile) if d.latency_profile \
+        else RooflineModel(gpu, shape)
+    return latency, blocks
 
 
 def model_shape(name: str) -> ModelShape:

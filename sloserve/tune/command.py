@@ -33,9 +33,11 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo-scale", type=float, default=1.0,
                    help="multiply every objective of the workload (hardware slower than its "
                         "SLOs assume)")
-    g = p.add_argument_group("hardware (one of)")
+    g = p.add_argument_group("hardware")
     g.add_argument("--latency-profile", default=None, help="JSON from `sloserve profile`")
-    g.add_argument("--gpu", default=None, help="h100 | h200 | a100: an analytic roofline")
+    g.add_argument("--gpu", default=None,
+                   help="h100 | h200 | a100: an analytic roofline; with --latency-profile, "
+                        "the GPU sizes the KV cache and the profile prices steps")
     g.add_argument("--model-shape", default="llama-3-8b", help="with --gpu")
     g.add_argument("--profile-now", action="store_true",
                    help="profile this machine first (with --model; default the embedded one)")
@@ -59,6 +61,9 @@ def add_tune_args(p: argparse.ArgumentParser) -> None:
                    help="serve the top N for real and measure them at the predicted capacity "
                         "and 1.2x it")
     p.add_argument("--verify-seconds", type=float, default=60.0)
+    p.add_argument("--serve-flags", default="",
+                   help="with --verify: more `sloserve serve` flags for the engine, e.g. "
+                        "\"--model dummy:llama-3.1-8b --dtype bfloat16 --max-model-len 32768\"")
     p.add_argument("--out", default=None, help="results folder (default: tune-results/TIME)")
 
 
