@@ -43,10 +43,21 @@ from sloserve.workload.metrics import summarize  # noqa: E402
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"  # its sdist vendors llama.cpp
 CACHE = Path.home() / ".cache" / "sloserve" / "llamacpp"
-# AMX off: a native build enables it on Zen 4 and segfaults at the first token
-CMAKE_FLAGS = ["-DGGML_NATIVE=OFF", "-DGGML_AVX2=ON", "-DGGML_AVX512=ON", "-DGGML_AMX_INT8=OFF",
-               "-DGGML_AMX_TILE=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_SERVER=ON",
-               "-DCMAKE_BUILD_TYPE=Release"]
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        return flag in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
+# AMX off: a native build enables it on Zen 4 and segfaults at the first token. AVX-512 only
+# where the CPU has it (an AVX2-only machine dies of an illegal instruction otherwise).
+CMAKE_FLAGS = ["-DGGML_NATIVE=OFF", "-DGGML_AVX2=ON",
+               f"-DGGML_AVX512={'ON' if _cpu_has('avx512f') else 'OFF'}",
+               "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_TILE=OFF", "-DLLAMA_CURL=OFF",
+               "-DLLAMA_BUILD_SERVER=ON", "-DCMAKE_BUILD_TYPE=Release"]
 PORT = 8391
 EDGE_RATES = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # req/s, climbed until llama-server < 60%
 RT_FLOOR = 0.6

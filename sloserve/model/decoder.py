@@ -180,6 +180,8 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderLM(nn.Module):
+    fused_decode = None  # CPU 4-bit models: every layer of small decode steps natively
+
     def __init__(self, config: ModelConfig, backend: AttentionBackend):
         super().__init__()
         self.config = config
@@ -199,6 +201,9 @@ class DecoderLM(nn.Module):
                 logits_indices: torch.Tensor) -> torch.Tensor:
         """Logits (float32) of the tokens at `logits_indices` only."""
         x, residual = self.embed_tokens(input_ids), None
+        if self.fused_decode is not None and self.fused_decode.fits(len(input_ids), meta):
+            x, residual = self.fused_decode(x, positions, kv_caches, meta)
+            return self.logits(x, residual, logits_indices)
         rope = self.rotary.at(positions)
         for layer, cache in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, rope, cache, meta)

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from sloserve.model import cpu_decode
 from sloserve.model.attention import AttentionBackend, make_backend
 from sloserve.model.config import NAMED_SHAPES, ModelConfig
 from sloserve.model.cpu import tune_for_cpu
@@ -125,6 +126,7 @@ def load(spec: str | None, dtype: torch.dtype, device: torch.device,
         if device.type != "cpu":
             raise ValueError("--quantization int4 runs on the CPU only")
         quantize_model_int4(model)
+        cpu_decode.attach(model)
     if device.type == "cpu":
         tune_for_cpu(model)
     return LoadedModel(model.eval(), config, _tokenizer(folder), name)

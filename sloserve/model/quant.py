@@ -16,6 +16,8 @@ is ranked in 4 bits too, its top tokens' logits recomputed in float32 (Quantized
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,9 +31,18 @@ def int4_available() -> bool:
     return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 
 
+@functools.cache
 def _mkldnn_packing() -> bool:
-    return hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and \
-        torch.backends.mkldnn.is_available()
+    """Whether oneDNN packs bfloat16 weights here: its bf16 path needs AVX-512 (bw, vl, dq)
+    or AVX-NE-CONVERT, so AVX2-only CPUs multiply unpacked."""
+    if not (hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and torch.backends.mkldnn.is_available()):
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 32, dtype=torch.bfloat16), 1)
+    except RuntimeError:
+        return False
+    return True
 
 
 class DenseBF16:
@@ -87,8 +98,21 @@ def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     return ((q - 8) * scale[..., None] + zero[..., None]).reshape(rows, cols)
 
 
+def pack_nibbles(codes: torch.Tensor, group: int = GROUP) -> torch.Tensor:
+    """Codes [N, K] (0..15) as cpu_decode.cpp's q4_linear reads them: [N, K / 2] bytes,
+    byte j of a group holding code j (low nibble) and code j + group / 2 (high)."""
+    rows, cols = codes.shape
+    c = codes.to(torch.uint8).reshape(rows, cols // group, group)
+    half = group // 2
+    return (c[..., :half] | (c[..., half:] << 4)).reshape(rows, cols // 2).contiguous()
+
+
 class Int4Linear(nn.Module):
-    """A linear whose weight is 4-bit codes; activations run in bfloat16."""
+    """A linear whose weight is 4-bit codes; activations run in bfloat16 through torch's
+    kernel, or in float32 through the native q4_linear where cpu_decode.attach turned
+    `native` on."""
+
+    native = False
 
     def __init__(self, linear: nn.Linear, group: int = GROUP, max_rows: int = INT4_MAX_ROWS,
                  dense_weight: torch.Tensor | None = None):
@@ -107,14 +131,27 @@ class Int4Linear(nn.Module):
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("scales_and_zeros", scales_and_zeros.to(torch.bfloat16),
                              persistent=False)
-        grid = dequantize_groups(codes, scale, zero, group)[: self.out_features]
+        n = self.out_features
+        self.register_buffer("q4_codes", pack_nibbles(codes[:n], group), persistent=False)
+        self.register_buffer("q4_scales", scale[:n].contiguous(), persistent=False)
+        self.register_buffer("q4_mins", (zero - 8 * scale)[:n].contiguous(), persistent=False)
+        grid = dequantize_groups(codes, scale, zero, group)[:n]
         self.dense = DenseBF16(grid if dense_weight is None else dense_weight)
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.matmul(x.reshape(-1, self.in_features).to(torch.bfloat16))
+        rows = x.reshape(-1, self.in_features)
+        if self.native and rows.shape[0] <= self.max_rows:
+            out = self.q4(rows.float())
+        else:
+            out = self.matmul(rows.to(torch.bfloat16))
         out = out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
+
+    def q4(self, rows: torch.Tensor) -> torch.Tensor:
+        """float32 rows [M, in] times the 4-bit grid, natively: [M, out] float32."""
+        return torch.ops.sloserve_cpu.q4_linear(rows, self.q4_codes, self.q4_scales,
+                                                self.q4_mins)
 
     def matmul(self, rows: torch.Tensor) -> torch.Tensor:
         """bfloat16 rows [M, in] times the weight, without the bias: [M, out] bfloat16."""
@@ -156,7 +193,10 @@ class QuantizedHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(-1, self.in_features).float()
-        logits = self.ranking.matmul(x.to(torch.bfloat16)).float()
+        if self.ranking.native and x.shape[0] <= self.MAX_ROWS:
+            logits = self.ranking.q4(x)
+        else:
+            logits = self.ranking.matmul(x.to(torch.bfloat16)).float()
         if self.bias is not None:  # before ranking: the bias moves tokens up and down
             logits = logits + self.bias
         top = logits.topk(min(self.EXACT_TOP, self.out_features), dim=-1).indices
