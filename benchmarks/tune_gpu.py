@@ -1,10 +1,10 @@
 """`sloserve tune` for one GPU, checked against the real engine on that GPU.
 
 The search needs no GPU (it simulates); the check does. So two stages, each a subcommand,
-merged into benchmarks/results/tune_gpu.json:
+merged into benchmarks/results/tune_gpu_<GPU>.json:
 
-    python benchmarks/tune_gpu.py search --gpu h100     # here: the tuner, by simulation
-    python benchmarks/tune_gpu.py verify --rank 1       # on that GPU, one finalist a call
+    python benchmarks/tune_gpu.py search --gpu h100            # here: the tuner, by simulation
+    python benchmarks/tune_gpu.py verify --gpu h100 --rank 1   # on that GPU, a finalist a call
 
 `search`: the long-prompt mix (the edge SLO classes over LongBench-like prompts of 3k-29k
 tokens), target 90% attainment, the shipped latency profile of that GPU measured with
@@ -36,7 +36,6 @@ from sloserve.tune.verify import verified  # noqa: E402
 from sloserve.workload import spec as workloads  # noqa: E402
 
 WORKLOAD = "longprompt"
-PATH = RESULTS / "tune_gpu.json"
 SERVE_FLAGS = ["--model", "dummy:llama-3.1-8b", "--dtype", "bfloat16",
                "--gpu-memory-utilization", "0.9", "--max-model-len", "32768"]
 FOLDER = Path("tune-results/gpu")
@@ -73,7 +72,7 @@ def finalist(entry: dict) -> Evaluation:
 
 
 def verify(args, record: dict) -> dict:
-    prob = problem(record["search"]["gpu"])
+    prob = problem(args.gpu)
     chosen = finalist(record["search"]["finalists"][args.rank - 1])
     started = time.time()
     rows = verified([chosen], prob, None, SERVE_FLAGS, FOLDER, args.seconds)
@@ -88,18 +87,21 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="stage", required=True)
     s = sub.add_parser("search")
-    s.add_argument("--gpu", default="h100", choices=("h100", "h200"))
     s.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     v = sub.add_parser("verify")
     v.add_argument("--rank", type=int, default=1, help="which finalist (1: the winner)")
     v.add_argument("--seconds", type=float, default=60.0, help="seconds of arrivals per rate")
+    for p in (s, v):
+        p.add_argument("--gpu", default="h100", choices=("h100", "h200"),
+                       help="whose shipped latency profile (and memory) the search used")
     args = parser.parse_args()
-    record = json.loads(PATH.read_text()) if PATH.exists() else {}
+    path = RESULTS / f"tune_gpu_{args.gpu}.json"
+    record = json.loads(path.read_text()) if path.exists() else {}
     if args.stage == "search":
         record = {"search": search(args)}  # a new search voids earlier checks
     else:
         record.setdefault("verify", {})[str(args.rank)] = verify(args, record)
-    PATH.write_text(json.dumps(record, indent=2) + "\n")
+    path.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record.get("verify", record["search"]["finalists"]), indent=1)[:3000])
 
 

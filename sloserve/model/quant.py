@@ -8,9 +8,9 @@ scale = (hi - lo) / 15 and zero = lo + 8 * scale. Weights de-quantized from a Q4
 (the embedded model's) fit this grid again up to float rounding.
 
 The int4 kernel wins only while few rows pass (memory-bound decode): from about 8 rows on, a
-dense bfloat16 matmul of the same grid weight is faster (2-3x at 32-512 rows on this
-repository's 2-core CPU), so each layer also keeps that bfloat16 copy, packed for oneDNN:
-2.5 bytes a weight in all, against float32's 4 (and 8 with MKL's packed copy). The LM head
+dense matmul of the same grid weight is faster (2-3x at 32-512 rows on this repository's
+2-core CPU), so each layer also keeps a dense copy (DenseCopy): bfloat16 packed for oneDNN,
+2.5 bytes a weight in all against float32's 4, where the CPU has AVX-512; float32 elsewhere. The LM head
 is ranked in 4 bits too, its top tokens' logits recomputed in float32 (QuantizedHead).
 """
 
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 GROUP = 32
-INT4_MAX_ROWS = 8  # above this a dense bfloat16 matmul is faster than the int4 kernel
+INT4_MAX_ROWS = 8  # above this a dense matmul is faster than the 4-bit kernels
 QUANTIZED_LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
@@ -45,25 +45,39 @@ def _mkldnn_packing() -> bool:
     return True
 
 
-class DenseBF16:
-    """A bfloat16 weight for the many-row path, pre-packed into oneDNN's blocked layout
-    where torch offers it: 10-40% faster than F.linear at 5-1000 rows, and bit-identical."""
+class DenseCopy:
+    """The many-row path's weight, in the dtype this CPU multiplies fastest: bfloat16 packed
+    for oneDNN where it can (AVX-512: 10-40% faster than F.linear at 5-1000 rows, and
+    bit-identical), else float32 packed for MKL (AVX2-only CPUs emulate bfloat16 GEMMs:
+    2-4x slower than float32 at 32-256 rows, seen on an AMD EPYC without AVX-512)."""
 
-    PACK_ROWS = 32  # oneDNN's batch hint; other row counts run on the same packing
+    PACK_ROWS = 32  # the libraries' batch hint; other row counts run on the same packing
 
     def __init__(self, weight: torch.Tensor):
-        weight = weight.to(torch.bfloat16).contiguous()
-        self.packed = _mkldnn_packing()
-        self.weight = (torch.ops.mkldnn._reorder_linear_weight(weight, self.PACK_ROWS)
-                       if self.packed else weight)
+        self.bf16 = _mkldnn_packing()
+        if self.bf16:
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(
+                weight.to(torch.bfloat16).contiguous(), self.PACK_ROWS)
+            return
+        from sloserve.model.cpu import PACKED_MAX_ROWS, mkl_packing_available
+
+        self.weight = weight.float().contiguous()
+        self.max_packed_rows = PACKED_MAX_ROWS
+        self.mkl = torch.ops.mkl._mkl_reorder_linear_weight(self.weight, self.PACK_ROWS) \
+            if mkl_packing_available() else None
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
-        if not self.packed:
-            return F.linear(rows, self.weight)
+        """rows [M, in] (any float dtype) times the weight: [M, out] in the copy's dtype."""
+        n = rows.shape[0]
+        if not self.bf16:
+            rows = rows.float()
+            if self.mkl is None or n > self.max_packed_rows:
+                return F.linear(rows, self.weight)
+            return torch.ops.mkl._mkl_linear(rows, self.mkl, self.weight, None, n)
         # oneDNN compiles and keeps a kernel for every row count it meets: with steps of
         # any size (prompt chunks plus decodes) the engine's memory grew ~0.4 MB a request
         # without end (benchmarks/soak.py). Padded to a few sizes, the kernels stay few.
-        n = rows.shape[0]
+        rows = rows.to(torch.bfloat16)
         padded = _row_bucket(n)
         if padded != n:
             rows = F.pad(rows, (0, 0, 0, padded - n))
@@ -121,7 +135,7 @@ class Int4Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.group = \
             linear.in_features, linear.out_features, group
-        self.max_rows = max_rows  # the int4 kernel up to this many rows, then bfloat16
+        self.max_rows = max_rows  # 4-bit kernels up to this many rows, then the dense copy
         weight = linear.weight.detach()
         self.padded = -self.out_features % 16  # the packing takes whole tiles of 16 rows
         codes, scale, zero = quantize_groups(F.pad(weight, (0, 0, 0, self.padded)), group)
@@ -136,7 +150,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("q4_scales", scale[:n].contiguous(), persistent=False)
         self.register_buffer("q4_mins", (zero - 8 * scale)[:n].contiguous(), persistent=False)
         grid = dequantize_groups(codes, scale, zero, group)[:n]
-        self.dense = DenseBF16(grid if dense_weight is None else dense_weight)
+        self.dense = DenseCopy(grid if dense_weight is None else dense_weight)
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -144,7 +158,7 @@ class Int4Linear(nn.Module):
         if self.native and rows.shape[0] <= self.max_rows:
             out = self.q4(rows.float())
         else:
-            out = self.matmul(rows.to(torch.bfloat16))
+            out = self.matmul(rows)
         out = out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
 
@@ -154,11 +168,12 @@ class Int4Linear(nn.Module):
                                                 self.q4_mins)
 
     def matmul(self, rows: torch.Tensor) -> torch.Tensor:
-        """bfloat16 rows [M, in] times the weight, without the bias: [M, out] bfloat16."""
+        """rows [M, in] times the weight, without the bias: torch's int4 kernel (bfloat16)
+        up to max_rows, then the dense copy (in its dtype)."""
         if rows.shape[0] > self.max_rows:
             return self.dense(rows)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, self.group,
-                                                          self.scales_and_zeros)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            rows.to(torch.bfloat16), self.packed, self.group, self.scales_and_zeros)
         return out[:, : self.out_features] if self.padded else out
 
 
@@ -186,7 +201,7 @@ class QuantizedHead(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight  # float, shared with a tied embedding
-        # many rows rank with the float weight in bfloat16 (as fast as the 4-bit grid there)
+        # many rows rank with a dense copy of the float weight (as fast as the grid there)
         self.ranking = Int4Linear(linear, max_rows=self.MAX_ROWS,
                                   dense_weight=self.weight.detach())  # its bias unused
         self.bias = linear.bias
@@ -196,7 +211,7 @@ class QuantizedHead(nn.Module):
         if self.ranking.native and x.shape[0] <= self.MAX_ROWS:
             logits = self.ranking.q4(x)
         else:
-            logits = self.ranking.matmul(x.to(torch.bfloat16)).float()
+            logits = self.ranking.matmul(x).float()
         if self.bias is not None:  # before ranking: the bias moves tokens up and down
             logits = logits + self.bias
         top = logits.topk(min(self.EXACT_TOP, self.out_features), dim=-1).indices
