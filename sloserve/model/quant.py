@@ -10,8 +10,9 @@ scale = (hi - lo) / 15 and zero = lo + 8 * scale. Weights de-quantized from a Q4
 The int4 kernel wins only while few rows pass (memory-bound decode): from about 8 rows on, a
 dense matmul of the same grid weight is faster (2-3x at 32-512 rows on this repository's
 2-core CPU), so each layer also keeps a dense copy (DenseCopy): bfloat16 packed for oneDNN,
-2.5 bytes a weight in all against float32's 4, where the CPU has AVX-512; float32 elsewhere. The LM head
-is ranked in 4 bits too, its top tokens' logits recomputed in float32 (QuantizedHead).
+2.5 bytes a weight in all against float32's 4, where the CPU has AVX-512; float32 elsewhere.
+The LM head is ranked in 4 bits too, its top tokens' logits recomputed in float32
+(QuantizedHead).
 """
 
 from __future__ import annotations
