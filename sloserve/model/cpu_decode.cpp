@@ -156,9 +156,11 @@ void q4_rows(const Q8Rows& x, const uint8_t* codes, const float* scales, const f
   const __m128i mask = _mm_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t row = begin; row < end; ++row) {
-    __m256 acc[M];
+    // two accumulators a row, even and odd groups: one would wait on the FMA's latency
+    __m256 acc[M][2];
     float bias[M];
-    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps(), bias[m] = 0.f;
+    for (int m = 0; m < M; ++m)
+      acc[m][0] = acc[m][1] = _mm256_setzero_ps(), bias[m] = 0.f;
     const uint8_t* c = codes + row * groups * 16;
     const float* sc = scales + row * groups;
     const float* mn = mins + row * groups;
@@ -171,12 +173,13 @@ void q4_rows(const Q8Rows& x, const uint8_t* codes, const float* scales, const f
         const __m256i v = _mm256_loadu_si256(
             reinterpret_cast<const __m256i*>(x.values.data() + xg * kGroup));
         const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(q, v), ones);
-        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot),
-                                 _mm256_set1_ps(sc[g] * x.scales[xg]), acc[m]);
+        acc[m][g & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot),
+                                        _mm256_set1_ps(sc[g] * x.scales[xg]), acc[m][g & 1]);
         bias[m] += mn[g] * x.sums[xg];
       }
     }
-    for (int m = 0; m < M; ++m) out[m * n + row] = hsum(acc[m]) + bias[m];
+    for (int m = 0; m < M; ++m)
+      out[m * n + row] = hsum(_mm256_add_ps(acc[m][0], acc[m][1])) + bias[m];
   }
 }
 // Exact variant (tests): float activations, 4-bit codes unpacked to floats.
