@@ -12,7 +12,7 @@
 #include <cmath>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -114,10 +114,19 @@ void attend(const float* q, const float* cache, int64_t cache_half, const int32_
 // torch's int4 CPU kernel reads ~3.5 GB/s on AVX2-only CPUs (no AVX-512 path): 15 ms a
 // token for SmolLM2's layers. Weights here: for row n and group g of 32 inputs, 16 bytes
 // whose byte j holds code j (low nibble) and code j + 16 (high nibble); w = code * scale +
-// min (quant.py's grid). As llama.cpp does for its 4-bit formats, activations are rounded
+// min (quant.py's grid, scale and min in float16: 20 bytes a group, as GGUF's Q4_1; decode
+// here is bound by memory bandwidth). As llama.cpp does for its 4-bit formats, activations are rounded
 // to 8 bits per group of 32 (one scale each) so that a group's 32 products are one integer
 // multiply-add; the min term uses the exact float sums.
 constexpr int64_t kGroup = 32;
+
+inline float f32(at::Half h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h.x);
+#else
+  return static_cast<float>(h);
+#endif
+}
 
 struct Q8Rows {  // activations [M, K] as int8 groups with a scale each, and exact group sums
   std::vector<int8_t> values;
@@ -149,43 +158,63 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// Groups go eight at a time: their eight scale products and minimum terms in one vector
+// each (float16 -> float32 in one instruction), so that a group costs ~11 instructions.
 template <int M>
-void q4_rows(const Q8Rows& x, const uint8_t* codes, const float* scales, const float* mins,
-             float* out, int64_t k, int64_t n, int64_t begin, int64_t end) {
+void q4_rows(const Q8Rows& x, const uint8_t* codes, const at::Half* scales,
+             const at::Half* mins, float* out, int64_t k, int64_t n, int64_t begin,
+             int64_t end) {
   const int64_t groups = k / kGroup;
   const __m128i mask = _mm_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t row = begin; row < end; ++row) {
     // two accumulators a row, even and odd groups: one would wait on the FMA's latency
-    __m256 acc[M][2];
-    float bias[M];
+    __m256 acc[M][2], bias[M];
     for (int m = 0; m < M; ++m)
-      acc[m][0] = acc[m][1] = _mm256_setzero_ps(), bias[m] = 0.f;
+      acc[m][0] = acc[m][1] = bias[m] = _mm256_setzero_ps();
     const uint8_t* c = codes + row * groups * 16;
-    const float* sc = scales + row * groups;
-    const float* mn = mins + row * groups;
-    for (int64_t g = 0; g < groups; ++g) {
-      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + g * 16));
-      const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), mask),
-                                         _mm_and_si128(b, mask));  // codes 0-15 | 16-31
+    const at::Half* sc = scales + row * groups;
+    const at::Half* mn = mins + row * groups;
+    for (int64_t g0 = 0; g0 < groups; g0 += 8) {
+      const int len = static_cast<int>(std::min<int64_t>(8, groups - g0));
+      alignas(32) float scale[M][8];
       for (int m = 0; m < M; ++m) {
-        const int64_t xg = m * groups + g;
-        const __m256i v = _mm256_loadu_si256(
-            reinterpret_cast<const __m256i*>(x.values.data() + xg * kGroup));
-        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(q, v), ones);
-        acc[m][g & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot),
-                                        _mm256_set1_ps(sc[g] * x.scales[xg]), acc[m][g & 1]);
-        bias[m] += mn[g] * x.sums[xg];
+        const float* xs = x.scales.data() + m * groups + g0;
+        const float* sums = x.sums.data() + m * groups + g0;
+        if (len == 8) {
+          const __m256 s8 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + g0)));
+          const __m256 m8 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn + g0)));
+          _mm256_store_ps(scale[m], _mm256_mul_ps(s8, _mm256_loadu_ps(xs)));
+          bias[m] = _mm256_fmadd_ps(m8, _mm256_loadu_ps(sums), bias[m]);
+        } else {
+          alignas(32) float tail[8] = {};
+          for (int j = 0; j < len; ++j)
+            scale[m][j] = f32(sc[g0 + j]) * xs[j], tail[j] = f32(mn[g0 + j]) * sums[j];
+          bias[m] = _mm256_add_ps(bias[m], _mm256_load_ps(tail));
+        }
+      }
+      for (int j = 0; j < len; ++j) {
+        const int64_t g = g0 + j;
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + g * 16));
+        const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), mask),
+                                           _mm_and_si128(b, mask));  // codes 0-15 | 16-31
+        for (int m = 0; m < M; ++m) {
+          const __m256i v = _mm256_loadu_si256(
+              reinterpret_cast<const __m256i*>(x.values.data() + (m * groups + g) * kGroup));
+          const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(q, v), ones);
+          acc[m][j & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot),
+                                          _mm256_set1_ps(scale[m][j]), acc[m][j & 1]);
+        }
       }
     }
     for (int m = 0; m < M; ++m)
-      out[m * n + row] = hsum(_mm256_add_ps(acc[m][0], acc[m][1])) + bias[m];
+      out[m * n + row] = hsum(_mm256_add_ps(_mm256_add_ps(acc[m][0], acc[m][1]), bias[m]));
   }
 }
 // Exact variant (tests): float activations, 4-bit codes unpacked to floats.
 template <int M>
 void q4_rows_exact(const float* x, const float* xsum, const uint8_t* codes,
-                   const float* scales, const float* mins, float* out, int64_t k, int64_t n,
+                   const at::Half* scales, const at::Half* mins, float* out, int64_t k, int64_t n,
                    int64_t begin, int64_t end) {
   const int64_t groups = k / kGroup;
   const __m128i mask = _mm_set1_epi8(0x0F);
@@ -201,13 +230,13 @@ void q4_rows_exact(const float* x, const float* xsum, const uint8_t* codes,
                            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))),
                            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)),
                            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)))};
-      const __m256 scale = _mm256_set1_ps(scales[row * groups + g]);
+      const __m256 scale = _mm256_set1_ps(f32(scales[row * groups + g]));
       for (int m = 0; m < M; ++m) {
         const float* xg = x + m * k + g * kGroup;
         __m256 t = _mm256_mul_ps(q[0], _mm256_loadu_ps(xg));
         for (int j = 1; j < 4; ++j) t = _mm256_fmadd_ps(q[j], _mm256_loadu_ps(xg + 8 * j), t);
         acc[m] = _mm256_fmadd_ps(t, scale, acc[m]);
-        bias[m] += mins[row * groups + g] * xsum[m * groups + g];
+        bias[m] += f32(mins[row * groups + g]) * xsum[m * groups + g];
       }
     }
     for (int m = 0; m < M; ++m) out[m * n + row] = hsum(acc[m]) + bias[m];
@@ -215,7 +244,7 @@ void q4_rows_exact(const float* x, const float* xsum, const uint8_t* codes,
 }
 #else
 template <int M>
-void q4_rows(const Q8Rows& x, const uint8_t* codes, const float* scales, const float* mins,
+void q4_rows(const Q8Rows& x, const uint8_t* codes, const at::Half* scales, const at::Half* mins,
              float* out, int64_t k, int64_t n, int64_t begin, int64_t end) {
   const int64_t groups = k / kGroup;
   for (int64_t row = begin; row < end; ++row)
@@ -226,15 +255,15 @@ void q4_rows(const Q8Rows& x, const uint8_t* codes, const float* scales, const f
         const int8_t* v = x.values.data() + (m * groups + g) * kGroup;
         int32_t dot = 0;
         for (int j = 0; j < 16; ++j) dot += (c[j] & 0x0F) * v[j] + (c[j] >> 4) * v[j + 16];
-        total += dot * scales[row * groups + g] * x.scales[m * groups + g] +
-                 mins[row * groups + g] * x.sums[m * groups + g];
+        total += dot * f32(scales[row * groups + g]) * x.scales[m * groups + g] +
+                 f32(mins[row * groups + g]) * x.sums[m * groups + g];
       }
       out[m * n + row] = total;
     }
 }
 template <int M>
 void q4_rows_exact(const float* x, const float* xsum, const uint8_t* codes,
-                   const float* scales, const float* mins, float* out, int64_t k, int64_t n,
+                   const at::Half* scales, const at::Half* mins, float* out, int64_t k, int64_t n,
                    int64_t begin, int64_t end) {
   const int64_t groups = k / kGroup;
   for (int64_t row = begin; row < end; ++row)
@@ -245,7 +274,8 @@ void q4_rows_exact(const float* x, const float* xsum, const uint8_t* codes,
         const float* xg = x + m * k + g * kGroup;
         float dot = 0.f;
         for (int j = 0; j < 16; ++j) dot += (c[j] & 0x0F) * xg[j] + (c[j] >> 4) * xg[j + 16];
-        total += dot * scales[row * groups + g] + mins[row * groups + g] * xsum[m * groups + g];
+        total += dot * f32(scales[row * groups + g]) +
+                 f32(mins[row * groups + g]) * xsum[m * groups + g];
       }
       out[m * n + row] = total;
     }
@@ -259,9 +289,11 @@ void q4_block(const float* x, const Q8Rows& q, const at::Tensor& codes,
               const at::Tensor& scales, const at::Tensor& mins, float* out, int64_t k) {
   const int64_t n = codes.size(0);
   const uint8_t* c = codes.data_ptr<uint8_t>();
-  const float* sc = scales.data_ptr<float>();
-  const float* mn = mins.data_ptr<float>();
-  at::parallel_for(0, n, 128, [&](int64_t begin, int64_t end) {
+  const at::Half* sc = scales.data_ptr<at::Half>();
+  const at::Half* mn = mins.data_ptr<at::Half>();
+  // a second thread costs ~20 us to wake: worth it only for ~32k groups and more
+  const int64_t grain = std::max<int64_t>(128, (32768 * kGroup) / k);
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     if (exact_activations)
       q4_rows_exact<M>(x, q.sums.data(), c, sc, mn, out, k, n, begin, end);
     else

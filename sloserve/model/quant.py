@@ -148,8 +148,9 @@ class Int4Linear(nn.Module):
                              persistent=False)
         n = self.out_features
         self.register_buffer("q4_codes", pack_nibbles(codes[:n], group), persistent=False)
-        self.register_buffer("q4_scales", scale[:n].contiguous(), persistent=False)
-        self.register_buffer("q4_mins", (zero - 8 * scale)[:n].contiguous(), persistent=False)
+        # float16, as GGUF's Q4_1: a group's 16 bytes of codes then carry 4, not 8, more
+        self.register_buffer("q4_scales", scale[:n].half(), persistent=False)
+        self.register_buffer("q4_mins", (zero - 8 * scale)[:n].half(), persistent=False)
         grid = dequantize_groups(codes, scale, zero, group)[:n]
         self.dense = DenseCopy(grid if dense_weight is None else dense_weight)
         self.bias = linear.bias

@@ -73,12 +73,14 @@ def test_native_q4_matmul_multiplies_by_the_dequantized_weight():
     """cpu_decode.cpp's q4_linear rounds activations to 8 bits per group of 32 (llama.cpp's
     way with 4-bit weights): within 2% of the largest output, where torch's int4 kernel
     (bfloat16 activations and scales) lands within 0.5%; with float activations, float32's
-    rounding. 1 to 8 rows (blocks of four and a remainder), a width no multiple of 16."""
+    rounding of the grid (its scales and minima in float16). 1 to 8 rows (blocks of four and a remainder), a width no multiple of 16."""
     torch.manual_seed(0)
     linear = nn.Linear(6 * GROUP, 100, bias=True)
     layer = Int4Linear(linear)
     codes, scale, zero = quantize_groups(linear.weight)
-    reference_weight = dequantize_groups(codes, scale, zero)
+    minimum = (zero - 8 * scale).half().float()  # the kernel's float16 scale and minimum
+    reference_weight = (codes.float().reshape(100, 6, GROUP) * scale.half().float()[..., None]
+                        + minimum[..., None]).reshape(100, 6 * GROUP)
     for rows in (1, 3, 5, 8):
         x = torch.randn(rows, 6 * GROUP)
         expected = F.linear(x, reference_weight)
