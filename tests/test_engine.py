@@ -174,7 +174,8 @@ def test_top_p_top_k_keep_exactly_the_nucleus_of_a_full_sort(scale):
               SamplingParams(top_k=50, top_p=0.9), SamplingParams(top_k=2000, top_p=0.5)]
     requests = [Request(str(i), prompt_token_ids=[0], sampling_params=p)
                 for i, p in enumerate(params)]
-    probs = Sampler(torch.device("cpu"))._probs(logits.clone(), requests)
+    candidates, order = Sampler(torch.device("cpu"))._probs(logits.clone(), requests)
+    probs = torch.zeros_like(logits).scatter_(-1, order, candidates)
     for row, p in zip(range(4), params):  # the definition: sort all, cut k, cut the mass
         ranked = (logits[row] / p.temperature).sort(descending=True)
         kept = ranked.values[: p.top_k if p.top_k > 0 else None].softmax(-1)

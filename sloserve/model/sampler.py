@@ -67,10 +67,9 @@ class Sampler:
         random_rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
         if random_rows:
             rows = to_device(random_rows, torch.long, logits.device)
-            probs = self._probs(logits[rows], [requests[i] for i in random_rows])
-            for row, i in enumerate(random_rows):
-                generator = self._generator(requests[i])
-                tokens[i] = torch.multinomial(probs[row], 1, generator=generator)[0]
+            probs, order = self._probs(logits[rows], [requests[i] for i in random_rows])
+            picks = self._draw(probs, [requests[i] for i in random_rows])
+            tokens[rows] = order.gather(1, picks)[:, 0]
         if raw is None:
             return tokens, None
         rows, logprobs = raw
@@ -120,7 +119,21 @@ class Sampler:
             if banned:
                 logits[i, banned] = float("-inf")
 
-    def _probs(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    def _draw(self, probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """One candidate index a row ([R, 1]): one draw for the unseeded rows together
+        (a draw a row over the whole vocabulary took 1.3 ms each), seeded rows from their
+        own generators."""
+        picks = torch.multinomial(probs, 1)
+        for row, request in enumerate(requests):
+            generator = self._generator(request)
+            if generator is not None:
+                picks[row] = torch.multinomial(probs[row], 1, generator=generator)
+        return picks
+
+    def _probs(self, logits: torch.Tensor, requests: list[Request]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's sampling distribution over its candidates ([R, C], C <= vocab) and
+        the candidates' token ids ([R, C])."""
         temps = to_device([r.sampling_params.temperature for r in requests], torch.float32,
                           logits.device)
         # a tiny temperature or penalty overflows to inf (a fuzzer's 1e-161 failed the
@@ -137,13 +150,13 @@ class Sampler:
         # Drop a token when the tokens ranked above it already reach top_p.
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
         sorted_probs[mass_before >= top_p[:, None]] = 0.0
-        probs = torch.zeros_like(logits).scatter_(-1, order, sorted_probs)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
-        # a row with nothing left to draw (every token banned or overflowed): its likeliest
+        probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
+        # a row with nothing left to draw (every token banned or overflowed): its likeliest,
+        # the first candidate
         broken = ~torch.isfinite(probs).all(dim=-1)
-        probs[broken] = torch.nn.functional.one_hot(
-            logits[broken].argmax(dim=-1), logits.shape[-1]).to(probs.dtype)
-        return probs
+        probs[broken] = 0.0
+        probs[broken, 0] = 1.0
+        return probs, order
 
     @staticmethod
     def _nucleus_candidates(logits: torch.Tensor, ks: list[int], top_k: torch.Tensor,

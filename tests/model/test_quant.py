@@ -73,7 +73,8 @@ def test_native_q4_matmul_multiplies_by_the_dequantized_weight():
     """cpu_decode.cpp's q4_linear rounds activations to 8 bits per group of 32 (llama.cpp's
     way with 4-bit weights): within 2% of the largest output, where torch's int4 kernel
     (bfloat16 activations and scales) lands within 0.5%; with float activations, float32's
-    rounding of the grid (its scales and minima in float16). 1 to 8 rows (blocks of four and a remainder), a width no multiple of 16."""
+    rounding of the grid (its scales and minima in float16). 1 to 8 rows (blocks of four and
+    a remainder), a width no multiple of 16."""
     torch.manual_seed(0)
     linear = nn.Linear(6 * GROUP, 100, bias=True)
     layer = Int4Linear(linear)
