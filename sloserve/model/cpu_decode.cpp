@@ -90,6 +90,7 @@ void attend(const float* q, const float* cache, int64_t cache_half, const int32_
                              p % block_size;
         const float* k = cache + (slot * s.kv_heads + g) * s.dim;
         float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
         for (int64_t i = 0; i < s.dim; ++i) dot += qh[i] * k[i];
         scores[p] = dot * static_cast<float>(scale);
         best = std::max(best, scores[p]);
@@ -102,6 +103,7 @@ void attend(const float* q, const float* cache, int64_t cache_half, const int32_
         const int64_t slot = static_cast<int64_t>(table[p / block_size]) * block_size +
                              p % block_size;
         const float* v = cache + cache_half + (slot * s.kv_heads + g) * s.dim;
+#pragma omp simd
         for (int64_t i = 0; i < s.dim; ++i) acc[i] += e * v[i];
       }
       float* o = out + (r * s.heads + h) * s.dim;
@@ -133,6 +135,12 @@ struct Q8Rows {  // activations [M, K] as int8 groups with a scale each, and exa
   std::vector<float> scales, sums;
 };
 
+struct Q8View {  // rows [r, r + M) of a Q8Rows
+  const int8_t* values;
+  const float* scales;
+  const float* sums;
+};
+
 Q8Rows quantize_rows(const float* x, int64_t rows, int64_t k) {
   const int64_t groups = k / kGroup;
   Q8Rows q{std::vector<int8_t>(rows * k), std::vector<float>(rows * groups),
@@ -161,7 +169,7 @@ inline float hsum(__m256 v) {
 // Groups go eight at a time: their eight scale products and minimum terms in one vector
 // each (float16 -> float32 in one instruction), so that a group costs ~11 instructions.
 template <int M>
-void q4_rows(const Q8Rows& x, const uint8_t* codes, const at::Half* scales,
+void q4_rows(const Q8View& x, const uint8_t* codes, const at::Half* scales,
              const at::Half* mins, float* out, int64_t k, int64_t n, int64_t begin,
              int64_t end) {
   const int64_t groups = k / kGroup;
@@ -179,8 +187,8 @@ void q4_rows(const Q8Rows& x, const uint8_t* codes, const at::Half* scales,
       const int len = static_cast<int>(std::min<int64_t>(8, groups - g0));
       alignas(32) float scale[M][8];
       for (int m = 0; m < M; ++m) {
-        const float* xs = x.scales.data() + m * groups + g0;
-        const float* sums = x.sums.data() + m * groups + g0;
+        const float* xs = x.scales + m * groups + g0;
+        const float* sums = x.sums + m * groups + g0;
         if (len == 8) {
           const __m256 s8 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + g0)));
           const __m256 m8 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn + g0)));
@@ -200,7 +208,7 @@ void q4_rows(const Q8Rows& x, const uint8_t* codes, const at::Half* scales,
                                            _mm_and_si128(b, mask));  // codes 0-15 | 16-31
         for (int m = 0; m < M; ++m) {
           const __m256i v = _mm256_loadu_si256(
-              reinterpret_cast<const __m256i*>(x.values.data() + (m * groups + g) * kGroup));
+              reinterpret_cast<const __m256i*>(x.values + (m * groups + g) * kGroup));
           const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(q, v), ones);
           acc[m][j & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot),
                                           _mm256_set1_ps(scale[m][j]), acc[m][j & 1]);
@@ -244,7 +252,7 @@ void q4_rows_exact(const float* x, const float* xsum, const uint8_t* codes,
 }
 #else
 template <int M>
-void q4_rows(const Q8Rows& x, const uint8_t* codes, const at::Half* scales, const at::Half* mins,
+void q4_rows(const Q8View& x, const uint8_t* codes, const at::Half* scales, const at::Half* mins,
              float* out, int64_t k, int64_t n, int64_t begin, int64_t end) {
   const int64_t groups = k / kGroup;
   for (int64_t row = begin; row < end; ++row)
@@ -252,7 +260,7 @@ void q4_rows(const Q8Rows& x, const uint8_t* codes, const at::Half* scales, cons
       float total = 0.f;
       for (int64_t g = 0; g < groups; ++g) {
         const uint8_t* c = codes + (row * groups + g) * 16;
-        const int8_t* v = x.values.data() + (m * groups + g) * kGroup;
+        const int8_t* v = x.values + (m * groups + g) * kGroup;
         int32_t dot = 0;
         for (int j = 0; j < 16; ++j) dot += (c[j] & 0x0F) * v[j] + (c[j] >> 4) * v[j + 16];
         total += dot * f32(scales[row * groups + g]) * x.scales[m * groups + g] +
@@ -285,44 +293,64 @@ void q4_rows_exact(const float* x, const float* xsum, const uint8_t* codes,
 bool exact_activations = false;  // set_exact_activations: tests hold the fused path to this
 
 template <int M>
-void q4_block(const float* x, const Q8Rows& q, const at::Tensor& codes,
-              const at::Tensor& scales, const at::Tensor& mins, float* out, int64_t k) {
-  const int64_t n = codes.size(0);
-  const uint8_t* c = codes.data_ptr<uint8_t>();
-  const at::Half* sc = scales.data_ptr<at::Half>();
-  const at::Half* mn = mins.data_ptr<at::Half>();
-  // a second thread costs ~20 us to wake: worth it only for ~32k groups and more
-  const int64_t grain = std::max<int64_t>(128, (32768 * kGroup) / k);
-  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    if (exact_activations)
-      q4_rows_exact<M>(x, q.sums.data(), c, sc, mn, out, k, n, begin, end);
-    else
-      q4_rows<M>(q, c, sc, mn, out, k, n, begin, end);
-  });
+void q4_tile(const float* x, const Q8View& q, const uint8_t* codes, const at::Half* scales,
+             const at::Half* mins, float* out, int64_t k, int64_t n, int64_t begin,
+             int64_t end) {
+  if (exact_activations)
+    q4_rows_exact<M>(x, q.sums, codes, scales, mins, out, k, n, begin, end);
+  else
+    q4_rows<M>(q, codes, scales, mins, out, k, n, begin, end);
 }
 
-// x [M, K] float32 times the 4-bit weight [N, K]: [M, N] float32
+// x [M, K] float32 times the 4-bit weight [N, K]: [M, N] float32. Output rows go in tiles of
+// 32, and each tile meets every block of four input rows while its codes (~12 KB) are in
+// cache: the weight streams from memory once, whatever M.
 at::Tensor q4_linear(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& scales,
                      const at::Tensor& mins) {
   const at::Tensor x = x_in.contiguous();
-  const int64_t rows = x.size(0), k = x.size(1), n = codes.size(0);
+  const int64_t rows = x.size(0), k = x.size(1), n = codes.size(0), groups = k / kGroup;
   TORCH_CHECK(k % kGroup == 0 && codes.size(1) * 2 == k, "q4_linear: shapes do not match");
   at::Tensor out = at::empty({rows, n}, x.options());
-  for (int64_t r = 0; r < rows; r += 4) {  // four rows share each unpacked group
-    const int64_t m = std::min<int64_t>(4, rows - r);
-    const float* xr = x.data_ptr<float>() + r * k;
-    const Q8Rows q = quantize_rows(xr, m, k);
-    at::Tensor part = m == rows ? out : at::empty({m, n}, x.options());
-    float* o = part.data_ptr<float>();
-    switch (m) {
-      case 1: q4_block<1>(xr, q, codes, scales, mins, o, k); break;
-      case 2: q4_block<2>(xr, q, codes, scales, mins, o, k); break;
-      case 3: q4_block<3>(xr, q, codes, scales, mins, o, k); break;
-      default: q4_block<4>(xr, q, codes, scales, mins, o, k); break;
+  const float* xf = x.data_ptr<float>();
+  const Q8Rows q = quantize_rows(xf, rows, k);
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  const at::Half* sc = scales.data_ptr<at::Half>();
+  const at::Half* mn = mins.data_ptr<at::Half>();
+  float* o = out.data_ptr<float>();
+  // a second thread costs ~20 us to wake: worth it only for ~32k groups of work and more
+  const int64_t blocks = (rows + 3) / 4;
+  const int64_t grain = std::max<int64_t>(32, 32768 / (groups * blocks));
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; t += 32) {
+      const int64_t te = std::min(end, t + 32);
+      for (int64_t r = 0; r < rows; r += 4) {
+        const Q8View v{q.values.data() + r * k, q.scales.data() + r * groups,
+                       q.sums.data() + r * groups};
+        const float* xr = xf + r * k;
+        float* orow = o + r * n;
+        switch (std::min<int64_t>(4, rows - r)) {
+          case 1: q4_tile<1>(xr, v, c, sc, mn, orow, k, n, t, te); break;
+          case 2: q4_tile<2>(xr, v, c, sc, mn, orow, k, n, t, te); break;
+          case 3: q4_tile<3>(xr, v, c, sc, mn, orow, k, n, t, te); break;
+          default: q4_tile<4>(xr, v, c, sc, mn, orow, k, n, t, te); break;
+        }
+      }
     }
-    if (m != rows) out.narrow(0, r, m).copy_(part);
-  }
+  });
   return out;
+}
+
+// Attention of decode rows (one query each) over their paged K/V: [rows, heads, dim].
+at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& cache,
+                            const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                            double scale) {
+  const at::Tensor q = q_in.contiguous(), tables = block_tables.contiguous();
+  const Shape s{q.size(0), 0, q.size(1), cache.size(3), cache.size(4), 0};
+  at::Tensor out = at::empty({s.rows, s.heads * s.dim}, q.options());
+  attend(q.data_ptr<float>(), cache.data_ptr<float>(), cache.stride(0),
+         tables.data_ptr<int32_t>(), tables.size(1), seq_lens.contiguous().data_ptr<int32_t>(),
+         cache.size(2), scale, out.data_ptr<float>(), s);
+  return out.view({s.rows, s.heads, s.dim});
 }
 
 bool set_exact_activations(bool exact) {
@@ -389,7 +417,10 @@ TORCH_LIBRARY(sloserve_cpu, m) {
         "Tensor block_tables, Tensor seq_lens, Tensor cos, Tensor sin, Tensor[] weights, "
         "int heads, int kv_heads, int inter, float eps, float scale) -> Tensor[]");
   m.def("q4_linear(Tensor x, Tensor codes, Tensor scales, Tensor mins) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor cache, Tensor block_tables, Tensor seq_lens, "
+        "float scale) -> Tensor");
   m.impl("decode_layers", c10::DispatchKey::CPU, TORCH_FN(decode_layers));
   m.impl("q4_linear", c10::DispatchKey::CPU, TORCH_FN(q4_linear));
+  m.impl("decode_attention", c10::DispatchKey::CPU, TORCH_FN(decode_attention));
   m.def("set_exact_activations(bool exact) -> bool", &set_exact_activations);
 }

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from sloserve.model.attention import AttentionMetadata
-from sloserve.model.quant import INT4_MAX_ROWS, Int4Linear
+from sloserve.model.quant import NATIVE_MAX_ROWS, Int4Linear
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_decode.cpp")
@@ -52,10 +52,10 @@ def extension_loaded() -> bool:
 
 
 class FusedDecode:
-    """Every layer of a decode-only step of up to INT4_MAX_ROWS rows, for a model whose
+    """Every layer of a decode-only step of up to NATIVE_MAX_ROWS rows, for a model whose
     projections are Int4Linear (quant.py) without biases."""
 
-    max_rows = INT4_MAX_ROWS
+    max_rows = NATIVE_MAX_ROWS
 
     def __init__(self, model):
         c = model.config
@@ -90,13 +90,16 @@ def _q4(linear: Int4Linear) -> list[torch.Tensor]:
 
 
 def attach(model) -> bool:
-    """Native 4-bit matmuls for few rows, and the fused decode path where it applies, for a
-    4-bit float32 CPU model; False where the extension does not build."""
+    """Native 4-bit matmuls for few rows, native attention for decode rows, and the fused
+    decode path where it applies, for a 4-bit float32 CPU model; False where the extension
+    does not build."""
     if model.embed_tokens.weight.dtype != torch.float32 or not extension_loaded():
         return False
     for module in model.modules():
         if isinstance(module, Int4Linear):
             module.native = True
+    if hasattr(model.backend, "native_decode"):
+        model.backend.native_decode = True
     if all(_fusable(layer) for layer in model.layers):
         model.fused_decode = FusedDecode(model)
     return True

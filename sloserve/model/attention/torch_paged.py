@@ -10,6 +10,10 @@ from sloserve.model.attention.base import AttentionBackend, AttentionMetadata
 
 
 class TorchPagedAttention(AttentionBackend):
+    # decode rows through cpu_decode.cpp's loop (4-bit CPU models, where it builds): the
+    # gather of every block and SDPA cost ~40 ms a step at 32 rows; float32 models keep
+    # SDPA, whose summation order HF's matches token for token
+    native_decode = False
     @staticmethod
     def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  slots: torch.Tensor) -> None:
@@ -45,6 +49,9 @@ class TorchPagedAttention(AttentionBackend):
     def _decode(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
                 scale: float) -> torch.Tensor:
         n = meta.num_decodes
+        if self.native_decode and q.dtype == torch.float32:
+            return torch.ops.sloserve_cpu.decode_attention(
+                q, cache, meta.block_tables[:n], meta.seq_lens[:n], scale)
         k, v = self._gather(cache, meta.block_tables[:n])  # [B, L, kvh, d]
         mask = meta.per_step.get("decode_mask")
         if mask is None:
