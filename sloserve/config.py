@@ -9,9 +9,17 @@ them (`sloserve.cli_args`), and `LLM(**kwargs)` sorts keyword arguments into the
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+
+def cache_root() -> Path:
+    """Where sloserve keeps what it builds once: de-quantized models, CPU kernels."""
+    return Path(os.environ.get("SLOSERVE_CACHE") or Path.home() / ".cache" / "sloserve")
+
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "int4")

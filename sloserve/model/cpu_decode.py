@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from sloserve.config import cache_root
 from sloserve.model.attention import AttentionMetadata
 from sloserve.model.quant import NATIVE_MAX_ROWS, Int4Linear
 
@@ -35,8 +36,6 @@ def extension_loaded() -> bool:
     if os.environ.get("SLOSERVE_CPU_KERNELS", "1") == "0":
         return False
     from torch.utils import cpp_extension
-
-    from sloserve.model.loader import cache_root
 
     build = cache_root() / "cpu-kernels" / f"torch-{torch.__version__}"
     build.mkdir(parents=True, exist_ok=True)

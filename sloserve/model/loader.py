@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any
 
 import torch
 
+from sloserve.config import cache_root
 from sloserve.model import cpu_decode
 from sloserve.model.attention import AttentionBackend, make_backend
 from sloserve.model.config import NAMED_SHAPES, ModelConfig
@@ -39,11 +39,6 @@ class LoadedModel:
     config: ModelConfig
     tokenizer: Any  # a transformers tokenizer
     name: str  # the id the server reports
-
-
-def cache_root() -> Path:
-    root = os.environ.get("SLOSERVE_CACHE") or Path.home() / ".cache" / "sloserve"
-    return Path(root)
 
 
 def embedded_gguf() -> Path:
