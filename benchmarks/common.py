@@ -19,9 +19,23 @@ def machine() -> str:
 
         if torch.cuda.is_available():
             return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-        return f"CPU x{os.cpu_count()} ({platform.machine()}), torch {torch.__version__}"
+        return f"CPU x{os.cpu_count()} ({cpu_model()}), torch {torch.__version__}"
     except ImportError:
         return f"CPU x{os.cpu_count()} ({platform.machine()})"
+
+
+def cpu_model() -> str:
+    """The CPU's name and its widest vector extension: results differ with AVX-512."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                 if line.startswith("model name")), platform.machine())
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines()
+                      if line.startswith("flags")), []))
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{platform.machine()}, {name}, {vector}"
 
 
 def save(name: str, result: dict) -> Path:
