@@ -1,8 +1,8 @@
 """The quality cost of 4-bit weights: greedy replies of the quantized embedded model against
 the float32 one (which matches HF float32 token for token: tests/model/test_correctness.py).
 
-For each of the first --prompts Vicuna questions (chat template, greedy, --max-tokens tokens,
-EOS ignored so that every reply has the same length): the share of replies identical to
+For each of the first --prompts Vicuna questions, one at a time (chat template, greedy,
+--max-tokens tokens, EOS ignored so that every reply has the same length): the share of replies identical to
 float32's, and how far they agree before the first different token. Paths: `int4` as
 served (native q4 kernels and the fused decode where the C++ extension builds), and
 `int4-torch` (SLOSERVE_CPU_KERNELS=0: torch's int4 kernel, bfloat16 activations), each in its
@@ -34,7 +34,9 @@ def replies(quantization: str, prompts: int, max_tokens: int) -> list[list[int]]
     llm = LLM(quantization=quantization)
     chats = [[{"role": "user", "content": q}] for q in vicuna_questions()[:prompts]]
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    return [out.token_ids for out in llm.generate(chats, params)]
+    # one at a time: a step of more than 32 rows multiplies by the dense copy of the 4-bit
+    # grid, on which the weights of a Q4_1 GGUF already lie (float32's own weights)
+    return [llm.generate([chat], params)[0].token_ids for chat in chats]
 
 
 def agreement(reference: list[list[int]], other: list[list[int]]) -> dict:

@@ -117,8 +117,10 @@ void attend(const float* q, const float* cache, int64_t cache_half, const int32_
 // token for SmolLM2's layers. Weights here: for row n and group g of 32 inputs, 16 bytes
 // whose byte j holds code j (low nibble) and code j + 16 (high nibble); w = code * scale +
 // min (quant.py's grid, scale and min in float16: 20 bytes a group, as GGUF's Q4_1; decode
-// here is bound by memory bandwidth). As llama.cpp does for its 4-bit formats, activations are rounded
-// to 8 bits per group of 32 (one scale each) so that a group's 32 products are one integer
+// here is bound by memory bandwidth). Activations are rounded to 16 bits per group of 32 (one
+// scale each) so that a group's 32 products are two integer multiply-adds. (llama.cpp rounds
+// them to 8 bits: with SmolLM2's large activations that lost a fifth of greedy agreement with
+// float32 against torch's bfloat16 path; benchmarks/quant_agreement.py.)
 // multiply-add; the min term uses the exact float sums.
 constexpr int64_t kGroup = 32;
 
@@ -130,28 +132,28 @@ inline float f32(at::Half h) {
 #endif
 }
 
-struct Q8Rows {  // activations [M, K] as int8 groups with a scale each, and exact group sums
-  std::vector<int8_t> values;
+struct Q8Rows {  // activations [M, K] as int16 groups with a scale each, and exact group sums
+  std::vector<int16_t> values;
   std::vector<float> scales, sums;
 };
 
 struct Q8View {  // rows [r, r + M) of a Q8Rows
-  const int8_t* values;
+  const int16_t* values;
   const float* scales;
   const float* sums;
 };
 
 Q8Rows quantize_rows(const float* x, int64_t rows, int64_t k) {
   const int64_t groups = k / kGroup;
-  Q8Rows q{std::vector<int8_t>(rows * k), std::vector<float>(rows * groups),
+  Q8Rows q{std::vector<int16_t>(rows * k), std::vector<float>(rows * groups),
            std::vector<float>(rows * groups)};
   for (int64_t g = 0; g < rows * groups; ++g) {
     const float* xg = x + g * kGroup;
     float peak = 0.f, sum = 0.f;
     for (int64_t i = 0; i < kGroup; ++i) peak = std::max(peak, std::abs(xg[i])), sum += xg[i];
-    const float scale = peak / 127.f, inv = peak > 0.f ? 127.f / peak : 0.f;
+    const float scale = peak / 32767.f, inv = peak > 0.f ? 32767.f / peak : 0.f;
     for (int64_t i = 0; i < kGroup; ++i)
-      q.values[g * kGroup + i] = static_cast<int8_t>(std::nearbyint(xg[i] * inv));
+      q.values[g * kGroup + i] = static_cast<int16_t>(std::nearbyint(xg[i] * inv));
     q.scales[g] = scale;
     q.sums[g] = sum;
   }
@@ -174,7 +176,6 @@ void q4_rows(const Q8View& x, const uint8_t* codes, const at::Half* scales,
              int64_t end) {
   const int64_t groups = k / kGroup;
   const __m128i mask = _mm_set1_epi8(0x0F);
-  const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t row = begin; row < end; ++row) {
     // two accumulators a row, even and odd groups: one would wait on the FMA's latency
     __m256 acc[M][2], bias[M];
@@ -204,12 +205,14 @@ void q4_rows(const Q8View& x, const uint8_t* codes, const at::Half* scales,
       for (int j = 0; j < len; ++j) {
         const int64_t g = g0 + j;
         const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + g * 16));
-        const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), mask),
-                                           _mm_and_si128(b, mask));  // codes 0-15 | 16-31
+        const __m256i q_lo = _mm256_cvtepu8_epi16(_mm_and_si128(b, mask));  // codes 0-15
+        const __m256i q_hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), mask));
         for (int m = 0; m < M; ++m) {
-          const __m256i v = _mm256_loadu_si256(
-              reinterpret_cast<const __m256i*>(x.values + (m * groups + g) * kGroup));
-          const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(q, v), ones);
+          const int16_t* v = x.values + (m * groups + g) * kGroup;
+          const __m256i dot = _mm256_add_epi32(
+              _mm256_madd_epi16(q_lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v))),
+              _mm256_madd_epi16(q_hi,
+                                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 16))));
           acc[m][j & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot),
                                           _mm256_set1_ps(scale[m][j]), acc[m][j & 1]);
         }
@@ -260,7 +263,7 @@ void q4_rows(const Q8View& x, const uint8_t* codes, const at::Half* scales, cons
       float total = 0.f;
       for (int64_t g = 0; g < groups; ++g) {
         const uint8_t* c = codes + (row * groups + g) * 16;
-        const int8_t* v = x.values + (m * groups + g) * kGroup;
+        const int16_t* v = x.values + (m * groups + g) * kGroup;
         int32_t dot = 0;
         for (int j = 0; j < 16; ++j) dot += (c[j] & 0x0F) * v[j] + (c[j] >> 4) * v[j + 16];
         total += dot * f32(scales[row * groups + g]) * x.scales[m * groups + g] +
