@@ -3,10 +3,10 @@ the float32 one (which matches HF float32 token for token: tests/model/test_corr
 
 For each of the first --prompts Vicuna questions, one at a time (chat template, greedy,
 --max-tokens tokens, EOS ignored so that every reply has the same length): the share of
-replies identical to float32's, and how far they agree before the first different token. Paths: `int4` as
-served (native q4 kernels and the fused decode where the C++ extension builds), and
-`int4-torch` (SLOSERVE_CPU_KERNELS=0: torch's int4 kernel, bfloat16 activations), each in its
-own process. Writes benchmarks/results/quant_agreement.json:
+replies identical to float32's, and how far they agree before the first different token.
+Paths: `int4` as served (native q4 kernels and the fused decode where the C++ extension
+builds), and `int4-torch` (SLOSERVE_CPU_KERNELS=0: torch's int4 kernel, bfloat16
+activations), each in its own process. Writes benchmarks/results/quant_agreement.json:
 
     python benchmarks/quant_agreement.py [--prompts 40] [--max-tokens 64]
 """
