@@ -1,16 +1,21 @@
-"""Decode steps of a 4-bit model on the CPU in one native call (cpu_decode.cpp).
+"""Native CPU kernels for 4-bit models (cpu_decode.cpp), and where the model uses them.
 
 One stream of SmolLM2-135M decoded at ~16 ms a token in eager torch, against llama.cpp's
-~9 ms for the same file: the four int4 matmuls of a layer took ~4 ms of it in all, and the
-~50 small torch ops around them (residual adds, norms, rotary, the KV write, the attention
-gather and softmax, dtype conversions) cost a few microseconds each to dispatch, 30 layers
-over. A decode-only step of a few rows now runs every layer in C++: the same int4 kernel for
-the matmuls, plain loops for the rest. Larger steps (prompt chunks, many decodes, where the
-dense bfloat16 path wins) stay in Python.
+~9 ms for the same file (AVX-512 box): the ~50 small torch ops around a layer's four int4
+matmuls (residual adds, norms, rotary, the KV write, the attention gather and softmax, dtype
+conversions) cost a few microseconds each to dispatch, 30 layers over; and on AVX2-only CPUs
+torch's int4 kernel itself moves ~3.5 GB/s. So, once attached:
+- every Int4Linear multiplies up to NATIVE_MAX_ROWS rows with q4_linear (16-bit integer
+  activations, Q4_1's 20 bytes a group of 32 weights);
+- the torch backend's decode rows attend through decode_attention (no gather of the blocks);
+- a decode-only step of up to NATIVE_MAX_ROWS rows runs every layer in one decode_layers call
+  (single tensor-parallel rank only: it has no all-reduce).
+Larger steps use the dense copy (quant.DenseCopy); prompt chunks stay in the Python loop.
 
-The extension is compiled on first use (torch's cpp_extension, ~1 minute, cached in
-SLOSERVE_CACHE); without a compiler the Python path runs, as it does with
-SLOSERVE_CPU_KERNELS=0. tests/model/test_quant.py holds it to that path.
+The extension is compiled on first use (torch's cpp_extension, 25-50 s on 2 cores, cached in
+SLOSERVE_CACHE); without a compiler torch's ops run, as they do with SLOSERVE_CPU_KERNELS=0.
+tests/model/test_quant.py holds the kernels to the dequantized grid and the fused decode to
+the layer loop.
 """
 
 from __future__ import annotations
@@ -107,4 +112,5 @@ def attach(model) -> bool:
 def _fusable(layer) -> bool:
     a, m = layer.self_attn, layer.mlp
     projections = (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)
-    return all(isinstance(p, Int4Linear) and p.bias is None for p in projections)
+    return not (a.all_reduce or m.all_reduce) and \
+        all(isinstance(p, Int4Linear) and p.bias is None for p in projections)

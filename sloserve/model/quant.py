@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sloserve.model.cpu import PACKED_MAX_ROWS, mkl_packing_available
+
 GROUP = 32
 INT4_MAX_ROWS = 8  # above this a dense matmul is faster than torch's int4 kernel
 # ...and than the native one (cpu_decode.cpp) above this: all 120 layer matmuls of SmolLM2,
@@ -64,10 +66,7 @@ class DenseCopy:
             self.weight = torch.ops.mkldnn._reorder_linear_weight(
                 weight.to(torch.bfloat16).contiguous(), self.PACK_ROWS)
             return
-        from sloserve.model.cpu import PACKED_MAX_ROWS, mkl_packing_available
-
         self.weight = weight.float().contiguous()
-        self.max_packed_rows = PACKED_MAX_ROWS
         self.mkl = torch.ops.mkl._mkl_reorder_linear_weight(self.weight, self.PACK_ROWS) \
             if mkl_packing_available() else None
 
@@ -76,7 +75,7 @@ class DenseCopy:
         n = rows.shape[0]
         if not self.bf16:
             rows = rows.float()
-            if self.mkl is None or n > self.max_packed_rows:
+            if self.mkl is None or n > PACKED_MAX_ROWS:
                 return F.linear(rows, self.weight)
             return torch.ops.mkl._mkl_linear(rows, self.mkl, self.weight, None, n)
         # oneDNN compiles and keeps a kernel for every row count it meets: with steps of
@@ -140,7 +139,8 @@ class Int4Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.group = \
             linear.in_features, linear.out_features, group
-        self.max_rows = max_rows  # 4-bit kernels up to this many rows, then the dense copy
+        self.max_rows = max_rows  # torch's int4 kernel up to this many rows, then the dense
+        # copy (the native kernel, where on: up to NATIVE_MAX_ROWS)
         weight = linear.weight.detach()
         self.padded = -self.out_features % 16  # the packing takes whole tiles of 16 rows
         codes, scale, zero = quantize_groups(F.pad(weight, (0, 0, 0, self.padded)), group)
@@ -161,7 +161,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if self.native and rows.shape[0] <= max(self.max_rows, NATIVE_MAX_ROWS):
+        if self.native and rows.shape[0] <= NATIVE_MAX_ROWS:
             out = self.q4(rows.float())
         else:
             out = self.matmul(rows)
