@@ -132,20 +132,20 @@ inline float f32(at::Half h) {
 #endif
 }
 
-struct Q8Rows {  // activations [M, K] as int16 groups with a scale each, and exact group sums
+struct Int16Rows {  // activations [M, K] as int16 groups with a scale each, and exact group sums
   std::vector<int16_t> values;
   std::vector<float> scales, sums;
 };
 
-struct Q8View {  // rows [r, r + M) of a Q8Rows
+struct Int16View {  // rows [r, r + M) of a Int16Rows
   const int16_t* values;
   const float* scales;
   const float* sums;
 };
 
-Q8Rows quantize_rows(const float* x, int64_t rows, int64_t k) {
+Int16Rows quantize_rows(const float* x, int64_t rows, int64_t k) {
   const int64_t groups = k / kGroup;
-  Q8Rows q{std::vector<int16_t>(rows * k), std::vector<float>(rows * groups),
+  Int16Rows q{std::vector<int16_t>(rows * k), std::vector<float>(rows * groups),
            std::vector<float>(rows * groups)};
   for (int64_t g = 0; g < rows * groups; ++g) {
     const float* xg = x + g * kGroup;
@@ -171,7 +171,7 @@ inline float hsum(__m256 v) {
 // Groups go eight at a time: their eight scale products and minimum terms in one vector
 // each (float16 -> float32 in one instruction), so that a group costs ~11 instructions.
 template <int M>
-void q4_rows(const Q8View& x, const uint8_t* codes, const at::Half* scales,
+void q4_rows(const Int16View& x, const uint8_t* codes, const at::Half* scales,
              const at::Half* mins, float* out, int64_t k, int64_t n, int64_t begin,
              int64_t end) {
   const int64_t groups = k / kGroup;
@@ -255,7 +255,7 @@ void q4_rows_exact(const float* x, const float* xsum, const uint8_t* codes,
 }
 #else
 template <int M>
-void q4_rows(const Q8View& x, const uint8_t* codes, const at::Half* scales, const at::Half* mins,
+void q4_rows(const Int16View& x, const uint8_t* codes, const at::Half* scales, const at::Half* mins,
              float* out, int64_t k, int64_t n, int64_t begin, int64_t end) {
   const int64_t groups = k / kGroup;
   for (int64_t row = begin; row < end; ++row)
@@ -296,7 +296,7 @@ void q4_rows_exact(const float* x, const float* xsum, const uint8_t* codes,
 bool exact_activations = false;  // set_exact_activations: tests hold the fused path to this
 
 template <int M>
-void q4_tile(const float* x, const Q8View& q, const uint8_t* codes, const at::Half* scales,
+void q4_tile(const float* x, const Int16View& q, const uint8_t* codes, const at::Half* scales,
              const at::Half* mins, float* out, int64_t k, int64_t n, int64_t begin,
              int64_t end) {
   if (exact_activations)
@@ -315,7 +315,7 @@ at::Tensor q4_linear(const at::Tensor& x_in, const at::Tensor& codes, const at::
   TORCH_CHECK(k % kGroup == 0 && codes.size(1) * 2 == k, "q4_linear: shapes do not match");
   at::Tensor out = at::empty({rows, n}, x.options());
   const float* xf = x.data_ptr<float>();
-  const Q8Rows q = quantize_rows(xf, rows, k);
+  const Int16Rows q = quantize_rows(xf, rows, k);
   const uint8_t* c = codes.data_ptr<uint8_t>();
   const at::Half* sc = scales.data_ptr<at::Half>();
   const at::Half* mn = mins.data_ptr<at::Half>();
@@ -327,7 +327,7 @@ at::Tensor q4_linear(const at::Tensor& x_in, const at::Tensor& codes, const at::
     for (int64_t t = begin; t < end; t += 32) {
       const int64_t te = std::min(end, t + 32);
       for (int64_t r = 0; r < rows; r += 4) {
-        const Q8View v{q.values.data() + r * k, q.scales.data() + r * groups,
+        const Int16View v{q.values.data() + r * k, q.scales.data() + r * groups,
                        q.sums.data() + r * groups};
         const float* xr = xf + r * k;
         float* orow = o + r * n;
